@@ -1,0 +1,58 @@
+"""Typed errors. Every error a user can cause or meet is a VmforkError with one clear line."""
+
+from __future__ import annotations
+
+
+class VmforkError(Exception):
+    """Base class: the CLI prints ``str(err)`` on one line and exits with ``exit_code``."""
+
+    exit_code = 1
+
+
+class InvalidArgument(VmforkError):
+    """Bad user input (name, size, option value)."""
+
+    exit_code = 2
+
+
+class NotFound(VmforkError):
+    exit_code = 3
+
+
+class AlreadyExists(VmforkError):
+    exit_code = 4
+
+
+class WrongState(VmforkError):
+    exit_code = 5
+
+
+class Busy(VmforkError):
+    """Another vmfork process holds the lock of this instance."""
+
+    exit_code = 6
+
+
+class ExternalToolError(VmforkError):
+    """An external tool (QEMU, mkfs, apt, ...) failed; its own message is kept."""
+
+    def __init__(self, tool: str, message: str) -> None:
+        self.tool = tool
+        self.tool_message = message.strip()
+        super().__init__(f"{tool} failed: {self.tool_message}")
+
+
+class HypervisorError(VmforkError):
+    """The VMM refused or failed a request (QMP error, Firecracker fault_message, crash)."""
+
+
+class AgentError(VmforkError):
+    """The guest agent could not be reached or broke the protocol."""
+
+
+class AgentTimeout(AgentError):
+    pass
+
+
+class ImageError(VmforkError):
+    """Building or finding the guest image failed."""

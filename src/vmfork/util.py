@@ -1,0 +1,122 @@
+"""Small pure helpers: sizes, names, ids, atomic files."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from vmfork.errors import InvalidArgument
+
+NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
+NAME_MAX = 63
+ID_LEN = 12
+_ID_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
+_SIZE_MULT = {"": 1 << 20, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def validate_name(name: str, what: str = "name") -> str:
+    """Return ``name`` if it is a valid instance name, else raise InvalidArgument."""
+    if not name:
+        raise InvalidArgument(f"invalid {what} '': must not be empty")
+    if len(name) > NAME_MAX:
+        raise InvalidArgument(f"invalid {what} '{name}': longer than {NAME_MAX} characters")
+    if not NAME_RE.match(name):
+        raise InvalidArgument(
+            f"invalid {what} '{name}': use lowercase letters, digits and '-', "
+            "starting and ending with a letter or digit"
+        )
+    return name
+
+
+def new_id() -> str:
+    """A fixed-length random id (12 chars of [0-9a-z])."""
+    return "".join(secrets.choice(_ID_ALPHABET) for _ in range(ID_LEN))
+
+
+def is_id(text: str) -> bool:
+    return len(text) == ID_LEN and all(c in _ID_ALPHABET for c in text)
+
+
+def parse_size(text: str, what: str = "size") -> int:
+    """Parse '256M', '2G', '512MiB', '1024' (MiB) into bytes."""
+    m = _SIZE_RE.match(str(text))
+    if not m:
+        raise InvalidArgument(f"invalid {what} '{text}': expected a number with K, M or G (e.g. 256M)")
+    value = int(m.group(1)) * _SIZE_MULT[m.group(2).upper()]
+    if value <= 0:
+        raise InvalidArgument(f"invalid {what} '{text}': must be positive")
+    return value
+
+
+def parse_memory(text: str) -> int:
+    """Guest memory in MiB: a whole number of MiB between 64 MiB and 64 GiB."""
+    size = parse_size(text, "memory size")
+    if size % (1 << 20):
+        raise InvalidArgument(f"invalid memory size '{text}': must be a whole number of MiB")
+    mib = size >> 20
+    if mib < 64:
+        raise InvalidArgument(f"invalid memory size '{text}': at least 64M is needed to boot")
+    if mib > 64 * 1024:
+        raise InvalidArgument(f"invalid memory size '{text}': at most 64G")
+    return mib
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same dir and rename()."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+        if durable:
+            fsync_dir(path.parent)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any, durable: bool = True) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode(), durable)
+
+
+def read_json(path: Path) -> Any:
+    with open(path, "rb") as f:
+        return json.load(f)
