@@ -1,0 +1,334 @@
+"""Host-side client of the guest agent (one connection per AgentClient)."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import secrets
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from vmfork.errors import AgentError, AgentTimeout
+from vmfork.guest import protocol as proto
+
+# How much longer than the guest-side timeout the host waits for an exec's exit frame.
+EXEC_TIMEOUT_MARGIN_S = 10.0
+_RECV_SIZE = 1 << 16
+
+
+@dataclass
+class ExecResult:
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+    timed_out: bool
+    signal: int | None
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0 and not self.timed_out
+
+
+def _describe(exc: OSError) -> str:
+    if exc.errno is not None and exc.errno in errno.errorcode:
+        return f"{errno.errorcode[exc.errno]} ({exc.strerror})"
+    return str(exc) or type(exc).__name__
+
+
+class AgentClient:
+    """A connection to the guest agent.
+
+    Requests are synchronous; every reply carries the request's ``req_id`` and frames
+    with other ids (left over from an earlier connection) are ignored.
+    """
+
+    def __init__(self, sock: socket.socket, where: str, initial: bytes = b"") -> None:
+        self._sock = sock
+        self.where = where
+        self._reader = proto.FrameReader()
+        self._reader.feed(initial)
+        self._closed = False
+
+    # ----------------------------------------------------------------- connect
+    @classmethod
+    def connect_unix(cls, path: Path, timeout: float, *, handshake: bool = True) -> AgentClient:
+        """Connect to a QEMU chardev socket (virtio-serial port "agent").
+
+        With ``handshake`` (the default) a ping resynchronises the stream before
+        returning; QEMU accepts the connection before the guest agent runs, so the
+        ping also waits (up to ``timeout``) for the agent itself.
+        """
+        deadline = time.monotonic() + timeout
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(max(timeout, 0.001))
+            sock.connect(str(path))
+        except OSError as exc:
+            sock.close()
+            if isinstance(exc, TimeoutError):
+                raise AgentTimeout(f"connecting to agent socket {path} timed out") from exc
+            raise AgentError(f"cannot connect to agent socket {path}: {_describe(exc)}") from exc
+        client = cls(sock, str(path))
+        if handshake:
+            client._handshake(deadline)
+        return client
+
+    @classmethod
+    def connect_vsock_uds(
+        cls, uds: Path, port: int, timeout: float, *, handshake: bool = True
+    ) -> AgentClient:
+        """Connect through Firecracker's hybrid vsock: ``CONNECT <port>`` → ``OK <n>``."""
+        deadline = time.monotonic() + timeout
+        where = f"{uds} (vsock port {port})"
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(max(timeout, 0.001))
+            sock.connect(str(uds))
+            sock.sendall(f"CONNECT {port}\n".encode())
+            line = bytearray()
+            while not line.endswith(b"\n"):
+                sock.settimeout(max(deadline - time.monotonic(), 0.001))
+                chunk = sock.recv(1)  # byte by byte: agent frames may follow the line
+                if not chunk:
+                    raise AgentError(
+                        f"vsock {where}: connection closed during CONNECT "
+                        "(is the guest agent listening?)"
+                    )
+                line += chunk
+                if len(line) > 64:
+                    raise AgentError(f"vsock {where}: bad CONNECT reply {bytes(line)!r}")
+        except TimeoutError as exc:
+            sock.close()
+            raise AgentTimeout(f"vsock {where}: CONNECT timed out") from exc
+        except AgentError:
+            sock.close()
+            raise
+        except OSError as exc:
+            sock.close()
+            raise AgentError(f"cannot connect to vsock {where}: {_describe(exc)}") from exc
+        if not line.startswith(b"OK "):
+            sock.close()
+            raise AgentError(f"vsock {where}: unexpected CONNECT reply {bytes(line)!r}")
+        client = cls(sock, where)
+        if handshake:
+            client._handshake(deadline)
+        return client
+
+    def _handshake(self, deadline: float) -> None:
+        try:
+            self.ping(timeout=max(deadline - time.monotonic(), 0.001))
+        except BaseException:
+            self.close()
+            raise
+
+    # --------------------------------------------------------------- plumbing
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            with contextlib.suppress(OSError):
+                self._sock.close()
+
+    def __enter__(self) -> AgentClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _send(self, type_: bytes, payload: bytes = b"", *, timeout: float | None = 30.0) -> int:
+        if self._closed:
+            raise AgentError(f"agent connection {self.where} is closed")
+        req_id = secrets.randbits(32)
+        data = proto.encode_frame(type_, req_id, payload)
+        try:
+            self._sock.settimeout(timeout)
+            self._sock.sendall(data)
+        except TimeoutError as exc:
+            self.close()
+            raise AgentTimeout(f"sending to the agent at {self.where} timed out") from exc
+        except OSError as exc:
+            self.close()
+            raise AgentError(f"agent connection {self.where} lost: {_describe(exc)}") from exc
+        return req_id
+
+    def _recv(self, req_id: int, deadline: float | None, what: str) -> proto.Frame:
+        """Next frame with ``req_id`` (other frames are discarded)."""
+        while True:
+            for frame in self._reader.frames():
+                if frame.req_id == req_id:
+                    return frame
+            if deadline is None:
+                self._sock.settimeout(None)
+            else:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AgentTimeout(f"no answer from the guest agent ({what}) at {self.where}")
+                self._sock.settimeout(left)
+            try:
+                data = self._sock.recv(_RECV_SIZE)
+            except TimeoutError:
+                continue  # re-check the deadline
+            except OSError as exc:
+                self.close()
+                raise AgentError(
+                    f"agent connection {self.where} lost during {what}: {_describe(exc)}"
+                ) from exc
+            if not data:
+                self.close()
+                raise AgentError(f"agent connection {self.where} closed during {what}")
+            self._reader.feed(data)
+
+    def _request(self, type_: bytes, payload: bytes, expect: bytes, timeout: float, what: str) -> bytes:
+        deadline = time.monotonic() + timeout
+        req_id = self._send(type_, payload, timeout=timeout)
+        frame = self._recv(req_id, deadline, what)
+        if frame.type == proto.ERROR:
+            raise AgentError(f"guest agent: {frame.payload.decode(errors='replace')}")
+        if frame.type != expect:
+            raise AgentError(f"guest agent: unexpected {frame.type!r} reply to {what}")
+        return frame.payload
+
+    # --------------------------------------------------------------- requests
+    def ping(self, timeout: float = 5.0) -> None:
+        """Round-trip a random token; frames before the answer are discarded."""
+        token = secrets.token_bytes(8)
+        deadline = time.monotonic() + timeout
+        req_id = self._send(proto.PING, token, timeout=timeout)
+        while True:
+            frame = self._recv(req_id, deadline, "ping")
+            if frame.type == proto.PONG and frame.payload == token:
+                return
+
+    def exec(
+        self,
+        argv: list[str],
+        *,
+        stdin: bytes = b"",
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        on_stdout: Callable[[bytes], None] | None = None,
+        on_stderr: Callable[[bytes], None] | None = None,
+    ) -> ExecResult:
+        """Run ``argv`` in the guest (PATH lookup; default cwd /root, HOME=/root).
+
+        ``env`` adds to / overrides the guest's default environment. With ``timeout``
+        the guest kills the command's whole process group after that many seconds
+        (``timed_out`` set, exit code 124). Output is collected unless a callback is
+        given for that stream.
+        """
+        if timeout is not None and timeout <= 0:
+            raise AgentError(f"exec timeout must be positive, got {timeout}")
+        timeout_ms = 0 if timeout is None else max(1, round(timeout * 1000))
+        try:
+            payload = proto.encode_exec(argv, stdin=stdin, env=env, cwd=cwd, timeout_ms=timeout_ms)
+            if len(payload) > proto.MAX_PAYLOAD:
+                raise proto.ProtocolError(
+                    f"exec request of {len(payload)} bytes (stdin included) exceeds "
+                    f"the {proto.MAX_PAYLOAD >> 20} MiB limit"
+                )
+        except proto.ProtocolError as exc:
+            raise AgentError(str(exc)) from exc
+        deadline = None if timeout is None else time.monotonic() + timeout + EXEC_TIMEOUT_MARGIN_S
+        req_id = self._send(proto.EXEC, payload, timeout=None if timeout is None else timeout + 30)
+        out: list[bytes] = []
+        err: list[bytes] = []
+        what = f"exec {argv[0]!r}"
+        while True:
+            frame = self._recv(req_id, deadline, what)
+            if frame.type == proto.STDOUT:
+                (on_stdout or out.append)(frame.payload)
+            elif frame.type == proto.STDERR:
+                (on_stderr or err.append)(frame.payload)
+            elif frame.type == proto.EXIT:
+                try:
+                    st = proto.decode_exit(frame.payload)
+                except proto.ProtocolError as exc:
+                    raise AgentError(f"guest agent: {exc}") from exc
+                return ExecResult(
+                    exit_code=st.exit_code,
+                    stdout=b"".join(out),
+                    stderr=b"".join(err),
+                    timed_out=st.timed_out,
+                    signal=st.signal if st.signaled else None,
+                )
+            elif frame.type == proto.ERROR:
+                raise AgentError(f"guest agent: {frame.payload.decode(errors='replace')}")
+            else:
+                raise AgentError(f"guest agent: unexpected {frame.type!r} frame during {what}")
+
+    def set_time(self, t: float | None = None, timeout: float = 5.0) -> None:
+        """Set the guest's wall clock (default: the host's time now)."""
+        self._request(
+            proto.SET_TIME,
+            proto.encode_time(time.time() if t is None else t),
+            proto.TIME_SET,
+            timeout,
+            "set-time",
+        )
+
+    def sync(self, timeout: float = 60.0) -> None:
+        """sync(2) in the guest: everything written so far reaches the disks."""
+        self._request(proto.SYNC, b"", proto.SYNCED, timeout, "sync")
+
+    def poweroff(self, timeout: float = 30.0) -> None:
+        """Sync and power the guest off. Returns once the agent acknowledged it
+        (or the connection dropped because the VM already went away)."""
+        try:
+            self._request(proto.POWEROFF, b"", proto.POWERING_OFF, timeout, "poweroff")
+        except AgentTimeout:
+            raise
+        except AgentError:
+            if not self._closed:
+                raise  # an error reply, not a lost connection
+        finally:
+            self.close()
+
+
+def wait_ready(
+    connect: Callable[[], AgentClient],
+    deadline_s: float,
+    alive: Callable[[], bool] | None = None,
+) -> AgentClient:
+    """Connect and ping until the agent answers; return the connected client.
+
+    ``deadline_s`` is a duration in seconds from now. ``connect`` should make one
+    short attempt (e.g. ``lambda: AgentClient.connect_unix(sock, timeout=1.0)``).
+    ``alive`` is polled between attempts; when it returns False we stop with
+    AgentError("VMM exited ...").
+    """
+    start = time.monotonic()
+    end = start + deadline_s
+    delay = 0.02
+    last: Exception | None = None
+    attempts = 0
+    while True:
+        if alive is not None and not alive():
+            raise AgentError("VMM exited before the guest agent answered")
+        attempts += 1
+        try:
+            return connect()
+        except AgentError as exc:  # AgentTimeout included
+            last = exc
+        now = time.monotonic()
+        if now >= end:
+            break
+        time.sleep(min(delay, max(end - now, 0)))
+        delay = min(delay * 2, 0.25)
+    if alive is not None and not alive():
+        raise AgentError("VMM exited before the guest agent answered")
+    raise AgentTimeout(
+        f"guest agent not ready after {deadline_s:.1f}s ({attempts} attempts; last error: {last})"
+    )
