@@ -1,0 +1,361 @@
+"""The ``vmfork`` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from vmfork import __version__, util
+from vmfork.errors import InvalidArgument, VmforkError
+from vmfork.paths import default_data_dir
+
+err = Console(stderr=True, highlight=False)
+out = Console(highlight=False)
+
+
+def _fail(e: VmforkError) -> NoReturn:
+    err.print(f"[bold red]vmfork: error:[/] {e}", markup=True, soft_wrap=True)
+    sys.exit(e.exit_code)
+
+
+class Ctx:
+    def __init__(self, data_dir: Path, quiet: bool) -> None:
+        self.data_dir = data_dir
+        self.quiet = quiet
+        self._mgr: Any = None
+
+    def progress(self, msg: str) -> None:
+        if not self.quiet:
+            err.print(f"[dim]· {msg}[/]", markup=True, soft_wrap=True)
+
+    @property
+    def mgr(self) -> Any:
+        if self._mgr is None:
+            from vmfork.instances import Manager
+
+            self._mgr = Manager(self.data_dir, self.progress)
+            for action in self._mgr.recover():
+                err.print(f"[yellow]vmfork: recovered:[/] {action}", markup=True)
+        return self._mgr
+
+
+class VmforkGroup(click.Group):
+    """Turns VmforkError into one clear line and an exit code, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except VmforkError as e:
+            _fail(e)
+        except KeyboardInterrupt:
+            err.print("vmfork: interrupted")
+            sys.exit(130)
+
+
+def _emit(as_json: bool, data: Any, human: Callable[[], None]) -> None:
+    if as_json:
+        click.echo(json.dumps(data, indent=2, sort_keys=True))
+    else:
+        human()
+
+
+json_opt = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+
+
+@click.group(cls=VmforkGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--data-dir", type=click.Path(path_type=Path), envvar="VMFORK_DATA_DIR",
+              default=None, help="Where instances and images live [env VMFORK_DATA_DIR; default ~/.local/share/vmfork].")
+@click.option("-q", "--quiet", is_flag=True, help="No progress messages on stderr.")
+@click.version_option(__version__, prog_name="vmfork")
+@click.pass_context
+def main(ctx: click.Context, data_dir: Path | None, quiet: bool) -> None:
+    """vmfork: boot microVMs, put them in standby, restore and fork them copy-on-write."""
+    ctx.obj = Ctx((data_dir or default_data_dir()).absolute(), quiet)
+
+
+pass_ctx = click.make_pass_decorator(Ctx)
+
+
+# --- lifecycle ------------------------------------------------------------------------------
+@main.command()
+@click.argument("name")
+@click.option("--memory", default="256M", show_default=True, help="Guest RAM (e.g. 256M, 2G).")
+@click.option("--vcpus", default=1, show_default=True, type=int, help="Virtual CPUs.")
+@click.option("--hypervisor", default="qemu", show_default=True, help="qemu or firecracker.")
+@click.option("--accel", default="auto", show_default=True, help="auto (probe KVM, else TCG), kvm or tcg.")
+@json_opt
+@pass_ctx
+def run(c: Ctx, name: str, memory: str, vcpus: int, hypervisor: str, accel: str, as_json: bool) -> None:
+    """Create instance NAME and boot it; returns once its guest agent answers."""
+    util.validate_name(name)
+    memory_mib = util.parse_memory(memory)
+    t0 = time.monotonic()
+    inst = c.mgr.run(name, memory_mib=memory_mib, vcpus=vcpus, hypervisor=hypervisor, accel=accel)
+    secs = time.monotonic() - t0
+    d = c.mgr.describe(inst) | {"seconds": round(secs, 3)}
+    _emit(as_json, d, lambda: out.print(f"{inst.name} ({inst.id}) running, {inst.accel}, ready in {secs:.2f}s"))
+
+
+@main.command()
+@click.argument("name")
+@json_opt
+@pass_ctx
+def start(c: Ctx, name: str, as_json: bool) -> None:
+    """Cold-boot a stopped instance (its disk is kept)."""
+    t0 = time.monotonic()
+    inst = c.mgr.start(name)
+    secs = time.monotonic() - t0
+    _emit(as_json, c.mgr.describe(inst) | {"seconds": round(secs, 3)},
+          lambda: out.print(f"{inst.name} running, ready in {secs:.2f}s"))
+
+
+@main.command()
+@click.argument("name")
+@click.option("--force", is_flag=True, help="Kill the VMM at once (running) or discard the snapshot (standby).")
+@json_opt
+@pass_ctx
+def stop(c: Ctx, name: str, force: bool, as_json: bool) -> None:
+    """Stop an instance: the guest powers off (disk kept, RAM lost)."""
+    what = c.mgr.stop(name, force=force)
+    _emit(as_json, {"name": name, "result": what}, lambda: out.print(f"{name}: {what}"))
+
+
+@main.command()
+@click.argument("names", nargs=-1, required=True)
+@click.option("-f", "--force", is_flag=True, help="Also remove running instances (their VMM is killed).")
+@json_opt
+@pass_ctx
+def rm(c: Ctx, names: tuple[str, ...], force: bool, as_json: bool) -> None:
+    """Delete instances: VMM, disk, snapshots, logs."""
+    for n in names:
+        c.mgr.rm(n, force=force)
+        if not as_json:
+            out.print(f"{n}: removed")
+    if as_json:
+        click.echo(json.dumps({"removed": list(names)}))
+
+
+@main.command()
+@click.argument("name")
+@json_opt
+@pass_ctx
+def standby(c: Ctx, name: str, as_json: bool) -> None:
+    """Pause NAME, write its memory + device state to snapshot-latest, stop the VMM."""
+    t = c.mgr.standby(name)
+    _emit(as_json, {"name": name, "state": "standby", "timings": t},
+          lambda: out.print(f"{name}: standby in {t['total_s']:.3f}s"))
+
+
+@main.command()
+@click.argument("name")
+@json_opt
+@pass_ctx
+def restore(c: Ctx, name: str, as_json: bool) -> None:
+    """Start a VMM on NAME's snapshot and resume it (the snapshot is consumed)."""
+    t = c.mgr.restore(name)
+    _emit(as_json, {"name": name, "state": "running", "timings": t},
+          lambda: out.print(f"{name}: running, restored in {t['total_s']:.3f}s"))
+
+
+@main.command()
+@click.argument("source")
+@click.argument("name")
+@click.option("--from-running", is_flag=True, help="Allow a running source: standby it, fork, restore both.")
+@click.option("--target-state", type=click.Choice(["running", "standby", "stopped"]), default=None,
+              help="State of the fork [default: the source's state].")
+@json_opt
+@pass_ctx
+def fork(c: Ctx, source: str, name: str, from_running: bool, target_state: str | None, as_json: bool) -> None:
+    """Fork SOURCE into a new instance NAME (copy-on-write clone of its snapshot)."""
+    inst, t = c.mgr.fork(source, name, from_running=from_running, target_state=target_state)
+    d = c.mgr.describe(inst) | {"timings": t}
+    _emit(as_json, d, lambda: out.print(
+        f"{inst.name} ({inst.id}) forked from {source}: {d['state']}, clone {t['clone_s'] * 1000:.1f} ms "
+        f"({t['clone_method']}), total {t['total_s']:.3f}s"))
+
+
+# --- views ----------------------------------------------------------------------------------
+@main.command()
+@json_opt
+@pass_ctx
+def ps(c: Ctx, as_json: bool) -> None:
+    """List instances."""
+    rows = [c.mgr.describe(i) for i in c.mgr.instances()]
+
+    def human() -> None:
+        t = Table(box=None, pad_edge=False)
+        for col in ("NAME", "ID", "STATE", "HYPERVISOR", "ACCEL", "MEMORY", "PID", "PARENT"):
+            t.add_column(col)
+        for r in rows:
+            t.add_row(r["name"], r["id"], r["state"], r["hypervisor"], r["accel"], f"{r['memory_mib']}M",
+                      str(r["pid"] or "-"), r["parent"] or "-")
+        out.print(t)
+
+    _emit(as_json, rows, human)
+
+
+@main.command()
+@click.argument("name")
+@json_opt
+@pass_ctx
+def inspect(c: Ctx, name: str, as_json: bool) -> None:
+    """Show everything known about NAME."""
+    d = c.mgr.describe(c.mgr.find(name), detail=True)
+
+    def human() -> None:
+        for k, v in d.items():
+            out.print(f"{k:22} {json.dumps(v) if isinstance(v, dict) else v}")
+
+    _emit(as_json, d, human)
+
+
+@main.command("exec", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.argument("name")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED, required=True)
+@click.option("--timeout", type=float, default=None, help="Kill the command after this many seconds (exit 124).")
+@click.option("-e", "--env", "envs", multiple=True, help="KEY=VALUE for the command's environment.")
+@click.option("-w", "--workdir", default=None, help="Working directory in the guest.")
+@click.option("-i", "--stdin", "use_stdin", is_flag=True, help="Send this process's stdin to the command.")
+@pass_ctx
+def exec_(c: Ctx, name: str, command: tuple[str, ...], timeout: float | None, envs: tuple[str, ...],
+          workdir: str | None, use_stdin: bool) -> None:
+    """Run COMMAND in NAME's guest: relays stdout/stderr, exits with its exit code.
+
+    Usage: vmfork exec NAME -- CMD [ARGS...]
+    """
+    argv = list(command)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    env: dict[str, str] = {}
+    for kv in envs:
+        if "=" not in kv:
+            raise InvalidArgument(f"invalid --env '{kv}': expected KEY=VALUE")
+        k, v = kv.split("=", 1)
+        env[k] = v
+    data = sys.stdin.buffer.read() if use_stdin else b""
+
+    def relay(stream: Any) -> Callable[[bytes], None]:
+        def write(chunk: bytes) -> None:
+            stream.buffer.write(chunk)
+            stream.buffer.flush()
+
+        return write
+
+    r = c.mgr.exec(name, argv, stdin=data, timeout=timeout, env=env or None, cwd=workdir,
+                   on_stdout=relay(sys.stdout), on_stderr=relay(sys.stderr))
+    if r.timed_out:
+        err.print(f"vmfork: '{' '.join(argv)}' timed out after {timeout}s in '{name}'")
+    sys.exit(r.exit_code)
+
+
+@main.command()
+@click.argument("name")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new output.")
+@click.option("-n", "--tail", "lines", type=int, default=None, help="Only the last N lines.")
+@click.option("--vmm", is_flag=True, help="Show the VMM's own log instead of the serial console.")
+@pass_ctx
+def logs(c: Ctx, name: str, follow: bool, lines: int | None, vmm: bool) -> None:
+    """Print NAME's serial console (or VMM log)."""
+    inst = c.mgr.find(name)
+    path = inst.g.vmm_log if vmm else inst.g.console_log
+    data = path.read_bytes() if path.exists() else b""
+    if lines is not None:
+        data = b"".join(data.splitlines(keepends=True)[-lines:])
+    sys.stdout.buffer.write(data)
+    sys.stdout.flush()
+    if not follow:
+        return
+    pos = path.stat().st_size if path.exists() else 0
+    try:
+        while inst.dir.exists():
+            if path.exists() and path.stat().st_size > pos:
+                with open(path, "rb") as f:
+                    f.seek(pos)
+                    chunk = f.read()
+                pos += len(chunk)
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.flush()
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        pass
+
+
+@main.command()
+@json_opt
+@pass_ctx
+def doctor(c: Ctx, as_json: bool) -> None:
+    """Check this host: QEMU, KVM (a real boot probe), filesystem copy-on-write, tools."""
+    from vmfork.doctor import run_checks
+
+    report = run_checks(c.data_dir, c.progress)
+
+    def human() -> None:
+        for item in report["checks"]:
+            mark = {"ok": "[green]ok[/]", "warn": "[yellow]warn[/]", "fail": "[red]FAIL[/]", "info": "[cyan]info[/]"}[item["status"]]
+            out.print(f"{mark:>18}  {item['name']:<22} {item['detail']}", markup=True, soft_wrap=True)
+
+    _emit(as_json, report, human)
+    if any(i["status"] == "fail" for i in report["checks"]):
+        sys.exit(1)
+
+
+@main.group()
+def image() -> None:
+    """Guest images (built locally from Debian packages)."""
+
+
+@image.command("build")
+@json_opt
+@pass_ctx
+def image_build(c: Ctx, as_json: bool) -> None:
+    """Build the default guest image (kernel, initramfs, rootfs, agent) if not built yet."""
+    from vmfork.images import ensure_image
+    from vmfork.paths import DataDir
+
+    t0 = time.monotonic()
+    img = ensure_image(DataDir(c.data_dir).ensure().images, c.progress)
+    secs = time.monotonic() - t0
+    d = {"digest": img.digest, "dir": str(img.dir), "kernel_version": img.kernel_version, "seconds": round(secs, 3)}
+    _emit(as_json, d, lambda: out.print(f"image {img.digest} ({img.kernel_version}) at {img.dir} [{secs:.1f}s]"))
+
+
+@image.command("ls")
+@json_opt
+@pass_ctx
+def image_ls(c: Ctx, as_json: bool) -> None:
+    """List built images, newest first."""
+    from vmfork.images import list_images
+    from vmfork.paths import DataDir
+
+    images = DataDir(c.data_dir).images
+    rows = [{"digest": i.digest, "dir": str(i.dir), "kernel_version": i.kernel_version}
+            for i in (list_images(images) if images.exists() else [])]
+
+    def human() -> None:
+        for r in rows:
+            out.print(f"{r['digest'][:16]}  {r['kernel_version']}  {r['dir']}")
+
+    _emit(as_json, rows, human)
+
+
+@main.command()
+@click.option("--memory", default="256M", show_default=True, help="Guest RAM of the demo VM.")
+@click.option("--keep", is_flag=True, help="Keep the demo instances afterwards.")
+@pass_ctx
+def demo(c: Ctx, memory: str, keep: bool) -> None:
+    """Boot a VM, write sentinels, standby, fork, restore both, show each sees its own state."""
+    from vmfork.demo import run_demo
+
+    run_demo(c.mgr, util.parse_memory(memory), keep=keep, say=out.print)
+
+
+if __name__ == "__main__":
+    main()

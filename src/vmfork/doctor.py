@@ -1,0 +1,73 @@
+"""``vmfork doctor``: what this host can do, checked rather than assumed."""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from vmfork.paths import DataDir, cache_dir
+
+
+def _latest_image(images: Path) -> Any:
+    from vmfork.images import list_images
+
+    built = list_images(images)
+    return built[0] if built else None
+
+
+def run_checks(data_dir: Path, progress: Callable[[str], None]) -> dict[str, Any]:
+    from vmfork.forkvm import filesystem_type, reflink_supported
+    from vmfork.hypervisor.accel import kvm_device_problem, probe_kvm
+    from vmfork.hypervisor.qemu import QemuHypervisor
+
+    checks: list[dict[str, str]] = []
+
+    def add(name: str, status: str, detail: str) -> None:
+        checks.append({"name": name, "status": status, "detail": detail})
+
+    dd = DataDir(data_dir).ensure()
+    add("host", "info", f"{platform.system()} {platform.release()} {platform.machine()}")
+    qemu = QemuHypervisor()
+    problem = qemu.available()
+    if problem:
+        add("qemu", "fail", problem)
+    else:
+        add("qemu", "ok", f"{shutil.which(qemu.binary)} {qemu.version()}")
+    kvm = kvm_device_problem()
+    add("/dev/kvm", "warn" if kvm else "ok", kvm or "present and accessible")
+    accel = "tcg"
+    img = _latest_image(dd.images)
+    if img is None:
+        add("image", "warn", "no guest image built yet (run 'vmfork image build'); KVM not probed")
+    else:
+        add("image", "ok", f"{img.digest} kernel {img.kernel_version}")
+        if not problem:
+            progress("probing KVM with a real boot (cached)")
+            p = probe_kvm(qemu.binary, qemu.version(), img)
+            accel = "kvm" if p.kvm_works else "tcg"
+            add("kvm probe", "ok" if p.kvm_works else "warn", p.reason)
+    add("accel", "info", f"'--accel auto' uses {accel}")
+    fs = filesystem_type(dd.root)
+    reflink = reflink_supported(dd.root)
+    add("data dir", "info", f"{dd.root} on {fs}")
+    add("copy-on-write", "ok" if reflink else "warn",
+        "FICLONE reflink works: forks share the source's blocks"
+        if reflink else f"no reflink on {fs}: forks use a sparse copy (data is copied, holes kept)")
+    fc = shutil.which("firecracker")
+    add("firecracker", "info" if fc else "warn", fc or "not found on PATH (the firecracker backend cannot run here)")
+    for tool in ("busybox", "mkfs.ext4", "cpio", "dpkg-deb", "apt-get", "lz4"):
+        path = shutil.which(tool)
+        add(tool, "ok" if path else "fail", path or "missing: run 'make setup'")
+    cc = shutil.which("musl-gcc") or shutil.which("gcc")
+    add("C compiler", "ok" if cc else "fail", cc or "missing (musl-tools or gcc): run 'make setup'")
+    add("cache dir", "info", str(cache_dir()))
+    return {"checks": checks, "accel": accel, "reflink": reflink, "filesystem": fs,
+            "data_dir": str(dd.root)}
+
+
+if __name__ == "__main__":  # pragma: no cover
+    print(json.dumps(run_checks(Path("."), print), indent=2))

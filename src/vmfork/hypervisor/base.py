@@ -1,0 +1,94 @@
+"""The small interface every backend implements, with capability flags."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vmfork.guest.agent import AgentClient
+from vmfork.images import Image
+from vmfork.layout import GuestDir
+from vmfork.procs import ProcRef
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    file_backed_memory: bool  # guest RAM is a file we own (QEMU): standby moves it, no copy
+    diff_snapshots: bool  # the VMM can write only dirtied pages into an existing mem-file
+    agent_transport: str  # "virtio-serial" or "vsock"
+    # True (QEMU, shared file-backed RAM): the restored VM writes its RAM into the snapshot's
+    # mem-file, so the snapshot is gone once the guest runs. False (Firecracker, MAP_PRIVATE):
+    # the manager keeps the restored snapshot as snapshots/snapshot-base, the base that the
+    # next Diff snapshot is merged into.
+    restore_consumes_snapshot: bool = True
+
+
+@dataclass
+class VMConfig:
+    """Everything a VMM needs to start this guest; saved with every snapshot, restored identically."""
+
+    hypervisor: str
+    memory_mib: int
+    vcpus: int
+    accel: str
+    image_digest: str
+    cmdline: str
+    vmm_version: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> VMConfig:
+        return cls(**d)
+
+
+class Hypervisor(ABC):
+    name: str
+    capabilities: Capabilities
+
+    @abstractmethod
+    def available(self) -> str | None:
+        """None when usable here, else the reason it is not (e.g. binary missing)."""
+
+    @abstractmethod
+    def version(self) -> str: ...
+
+    @abstractmethod
+    def kernel_cmdline(self, accel: str, hostname: str) -> str:
+        """The guest kernel command line for a cold boot."""
+
+    @abstractmethod
+    def boot(self, g: GuestDir, cfg: VMConfig, image: Image) -> ProcRef:
+        """Start a VMM that cold-boots the guest; return once the VMM answers its API."""
+
+    @abstractmethod
+    def save(self, g: GuestDir, cfg: VMConfig, proc: ProcRef, into: Path) -> None:
+        """Pause the guest, write ``memory`` + ``state`` into ``into``, stop the VMM."""
+
+    @abstractmethod
+    def restore(self, g: GuestDir, cfg: VMConfig, image: Image, snap: Path) -> ProcRef:
+        """Start a VMM on the snapshot in ``snap`` and resume it."""
+
+    @abstractmethod
+    def quit(self, g: GuestDir, proc: ProcRef) -> None:
+        """Stop the VMM now (no guest shutdown)."""
+
+    @abstractmethod
+    def agent(self, g: GuestDir, timeout: float) -> AgentClient:
+        """Open one connection to the guest agent."""
+
+    def check_snapshot_compat(self, cfg: VMConfig, name: str) -> None:
+        """Refuse (WrongState) a snapshot this VMM version cannot restore. Default: same version."""
+        from vmfork.errors import WrongState
+
+        if cfg.vmm_version and cfg.vmm_version != self.version():
+            raise WrongState(f"instance '{name}': its snapshot was written by {cfg.hypervisor} "
+                             f"{cfg.vmm_version}, this is {self.version()}; restoring it is not supported")
+
+    def status(self, g: GuestDir, proc: ProcRef) -> str:
+        """Fine-grained VMM status (running/paused); default: running."""
+        return "running"

@@ -1,0 +1,229 @@
+"""QEMU backend: one qemu-system-x86_64 process per running instance, driven over QMP.
+
+Guest RAM is ``memory-backend-file,share=on`` on ``<guest>/memory``. Standby migrates only
+device state (``x-ignore-shared``) and moves the RAM file into the snapshot (same inode, no
+copy); restore moves it back and resumes on it. Facts behind the choices:
+shared/notes/qemu-on-these-machines.md.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from vmfork.errors import HypervisorError
+from vmfork.guest.agent import AgentClient
+from vmfork.hypervisor.base import Capabilities, Hypervisor, VMConfig
+from vmfork.hypervisor.qmp import QMP
+from vmfork.images import Image
+from vmfork.layout import GuestDir
+from vmfork.procs import ProcRef
+from vmfork.util import atomic_write_json
+
+BINARY = "qemu-system-x86_64"
+
+
+@functools.cache
+def host_tsc_khz() -> int:
+    """The host TSC rate; under TCG the guest TSC runs at it (kernel needs tsc_early_khz)."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("cpu MHz"):
+            return int(float(line.split(":")[1]) * 1000)
+    raise HypervisorError("cannot read the host CPU frequency from /proc/cpuinfo")
+
+
+def tail(path: Path, lines: int = 8) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return " | ".join(x for x in text.strip().splitlines()[-lines:] if x.strip())
+
+
+class QemuHypervisor(Hypervisor):
+    name = "qemu"
+    capabilities = Capabilities(file_backed_memory=True, diff_snapshots=True, agent_transport="virtio-serial")
+
+    def __init__(self, binary: str | None = None) -> None:
+        self.binary = binary or os.environ.get("VMFORK_QEMU_BIN") or BINARY
+
+    def available(self) -> str | None:
+        if shutil.which(self.binary) is None:
+            return f"{self.binary} not found (install Debian's qemu-system-x86: make setup)"
+        return None
+
+    def version(self) -> str:
+        return _qemu_version(self.binary)
+
+    # --- command line -------------------------------------------------------------------
+    def kernel_cmdline(self, accel: str, hostname: str) -> str:
+        parts = ["console=ttyS0", "quiet", "panic=-1", f"vmfork.hostname={hostname}"]
+        if accel == "tcg":
+            parts.insert(1, f"tsc_early_khz={host_tsc_khz()}")
+        return " ".join(parts)
+
+    def argv(self, cfg: VMConfig, image: Image, *, incoming: bool = False) -> list[str]:
+        """The QEMU command line; all instance paths are relative to the guest dir (cwd)."""
+        mem = f"{cfg.memory_mib}M"
+        args = [
+            self.binary,
+            "-name", f"vmfork-{cfg.extra.get('id', 'probe')},debug-threads=on",
+            "-accel", cfg.accel,
+            *(["-cpu", "host"] if cfg.accel == "kvm" else []),
+            "-no-user-config", "-nodefaults", "-display", "none", "-no-reboot",
+            "-smp", str(cfg.vcpus), "-m", mem,
+            "-object", f"memory-backend-file,id=mem,size={mem},mem-path=memory,share=on",
+            "-M", "microvm,x-option-roms=off,pit=off,pic=off,isa-serial=on,rtc=on,memory-backend=mem",
+            "-kernel", str(image.vmlinux), "-initrd", str(image.initramfs),
+            "-append", cfg.cmdline,
+            "-chardev", "file,id=con,path=logs/console.log,append=on", "-serial", "chardev:con",
+            "-device", "virtio-rng-device",  # no RDRAND under TCG: getrandom() would block at boot
+            "-device", "virtio-serial-device",
+            "-chardev", "socket,id=agent,path=run/agent.sock,server=on,wait=off",
+            "-device", "virtserialport,chardev=agent,name=agent",
+            "-qmp", "unix:run/qmp.sock,server=on,wait=off",
+            "-drive", f"file={image.rootfs},format=raw,if=none,id=root,readonly=on",
+            "-device", "virtio-blk-device,drive=root",
+            "-drive", "file=disk.raw,format=raw,if=none,id=data,discard=unmap",
+            "-device", "virtio-blk-device,drive=data",
+        ]
+        if incoming:
+            args += ["-incoming", "defer"]
+        return args
+
+    # --- process ------------------------------------------------------------------------
+    def _spawn(self, g: GuestDir, argv: list[str]) -> ProcRef:
+        g.ensure_dirs()
+        for sock in ("qmp.sock", "agent.sock"):
+            (g.run / sock).unlink(missing_ok=True)
+        with open(g.vmm_log, "ab") as log:
+            log.write(f"--- {' '.join(argv)}\n".encode())
+            log.flush()
+            try:
+                p = subprocess.Popen(
+                    argv, cwd=g.path, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                    start_new_session=True, close_fds=True,
+                )
+            except OSError as e:
+                raise HypervisorError(f"cannot start {argv[0]}: {e.strerror}") from None
+        p.returncode = 0  # detached: we track it by ProcRef; silence Popen's ResourceWarning
+        proc = ProcRef.of(p.pid)
+        atomic_write_json(g.vmm_json, {"pid": proc.pid, "start": proc.start, "hypervisor": self.name}, durable=False)
+        return proc
+
+    def _qmp(self, g: GuestDir, proc: ProcRef, timeout: float = 10.0) -> QMP:
+        return QMP.connect(
+            g.run / "qmp.sock", timeout=timeout, alive=proc.alive, on_dead=lambda: tail(g.vmm_log, 3)
+        )
+
+    def _fail(self, g: GuestDir, proc: ProcRef, what: str, err: Exception) -> HypervisorError:
+        proc.kill()
+        detail = tail(g.vmm_log, 3)
+        return HypervisorError(f"{what}: {err}" + (f" (QEMU: {detail})" if detail and detail not in str(err) else ""))
+
+    def boot(self, g: GuestDir, cfg: VMConfig, image: Image) -> ProcRef:
+        g.memory.unlink(missing_ok=True)  # a cold boot gets fresh RAM (and drops any old clone)
+        proc = self._spawn(g, self.argv(cfg, image))
+        try:
+            with self._qmp(g, proc) as q:
+                q.execute("query-status")
+        except HypervisorError as e:
+            raise self._fail(g, proc, "QEMU did not start", e) from None
+        return proc
+
+    def save(self, g: GuestDir, cfg: VMConfig, proc: ProcRef, into: Path) -> None:
+        fd = os.open(into / "state", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            with self._qmp(g, proc) as q:
+                q.execute("stop")
+                q.execute("migrate-set-capabilities",
+                          {"capabilities": [{"capability": "x-ignore-shared", "state": True}]})
+                q.pass_fd(fd, "vmfork-state")
+                q.execute("migrate", {"uri": "fd:vmfork-state"})
+                q.wait_migration()  # completed: QEMU has written and flushed the whole stream
+                q.quit()
+        except HypervisorError as e:
+            # The guest is paused or still running; leave it running rather than lose it.
+            try:
+                with self._qmp(g, proc, timeout=2) as q:
+                    q.execute("cont")
+            except HypervisorError:
+                pass
+            raise HypervisorError(f"standby failed, guest left running: {e}") from None
+        finally:
+            os.close(fd)
+        if not proc.wait_exit(10):
+            proc.kill()
+        os.rename(g.memory, into / "memory")
+
+    def restore(self, g: GuestDir, cfg: VMConfig, image: Image, snap: Path) -> ProcRef:
+        os.rename(snap / "memory", g.memory)
+        fd = os.open(snap / "state", os.O_RDONLY | os.O_CLOEXEC)
+        resumed = False
+        try:
+            proc = self._spawn(g, self.argv(cfg, image, incoming=True))
+            try:
+                with self._qmp(g, proc) as q:
+                    q.execute("migrate-set-capabilities",
+                              {"capabilities": [{"capability": "x-ignore-shared", "state": True}]})
+                    q.pass_fd(fd, "vmfork-state")
+                    q.execute("migrate-incoming", {"uri": "fd:vmfork-state"})
+                    q.wait_migration()
+                    resumed = True
+                    q.execute("cont")
+            except HypervisorError as e:
+                raise self._fail(g, proc, "restore failed", e) from None
+        except BaseException:
+            if not resumed:  # the guest never ran on this RAM: give the snapshot back whole
+                os.rename(g.memory, snap / "memory")
+            raise
+        finally:
+            os.close(fd)
+        return proc
+
+    def quit(self, g: GuestDir, proc: ProcRef) -> None:
+        if not proc.alive():
+            return
+        try:
+            with self._qmp(g, proc, timeout=2) as q:
+                q.quit()
+        except HypervisorError:
+            pass
+        if not proc.wait_exit(5):
+            proc.kill()
+
+    def agent(self, g: GuestDir, timeout: float) -> AgentClient:
+        return AgentClient.connect_unix(g.run / "agent.sock", timeout)
+
+    def status(self, g: GuestDir, proc: ProcRef) -> str:
+        try:
+            with self._qmp(g, proc, timeout=2) as q:
+                st = q.execute("query-status")
+            return str(st.get("status", "running"))
+        except HypervisorError:
+            return "running"
+
+
+@functools.cache
+def _qemu_version(binary: str) -> str:
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise HypervisorError(f"cannot run {binary} --version: {e}") from None
+    first = out.stdout.splitlines()[0] if out.stdout else ""
+    # "QEMU emulator version 7.2.22 (Debian ...)"
+    return first.split("version", 1)[1].split()[0] if "version" in first else first
+
+
+def vmm_record(g: GuestDir) -> ProcRef | None:
+    """The VMM recorded for this guest, if it is still that process."""
+    try:
+        d = json.loads(g.vmm_json.read_text())
+    except (OSError, ValueError):
+        return None
+    ref = ProcRef(int(d["pid"]), int(d["start"]))
+    return ref if ref.alive() else None

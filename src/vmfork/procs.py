@@ -1,0 +1,83 @@
+"""Processes vmfork starts and later finds again by pid (guarded against pid reuse)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    # comm may contain spaces and parens: split after the last ')'
+    return raw[raw.rindex(")") + 2 :].split()
+
+
+def start_time(pid: int) -> int | None:
+    """Kernel start time of ``pid`` in clock ticks (field 22), or None if it does not exist."""
+    fields = _stat_fields(pid)
+    return int(fields[19]) if fields else None
+
+
+def reap(pid: int) -> None:
+    """Reap ``pid`` if it is our exited child (no-op otherwise)."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+@dataclass(frozen=True)
+class ProcRef:
+    """A process identified by pid + start time, so a reused pid never matches."""
+
+    pid: int
+    start: int
+
+    @classmethod
+    def of(cls, pid: int) -> ProcRef:
+        st = start_time(pid)
+        if st is None:
+            raise ProcessLookupError(pid)
+        return cls(pid, st)
+
+    def alive(self) -> bool:
+        reap(self.pid)
+        fields = _stat_fields(self.pid)
+        if fields is None or fields[0] in ("Z", "X"):
+            return False
+        return int(fields[19]) == self.start
+
+    def cmdline(self) -> list[str]:
+        try:
+            raw = Path(f"/proc/{self.pid}/cmdline").read_bytes()
+        except OSError:
+            return []
+        return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+
+    def wait_exit(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        delay = 0.002
+        while self.alive():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+        return True
+
+    def kill(self, timeout: float = 5.0) -> None:
+        """SIGTERM, then SIGKILL after ``timeout``; returns once the process is gone."""
+        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
+            if not self.alive():
+                return
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                return
+            if self.wait_exit(wait):
+                return
