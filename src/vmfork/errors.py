@@ -47,7 +47,15 @@ class HypervisorError(VmforkError):
 
 
 class AgentError(VmforkError):
-    """The guest agent could not be reached or broke the protocol."""
+    """The guest agent could not be reached or broke the protocol.
+
+    ``transient`` is True where trying again may succeed (socket not there yet, refused,
+    timed out); wait loops give up at once on the others.
+    """
+
+    def __init__(self, message: str, *, transient: bool = True) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 class AgentTimeout(AgentError):

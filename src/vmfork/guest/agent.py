@@ -14,6 +14,7 @@ from types import TracebackType
 
 from vmfork.errors import AgentError, AgentTimeout
 from vmfork.guest import protocol as proto
+from vmfork.layout import short_path
 
 # How much longer than the guest-side timeout the host waits for an exec's exit frame.
 EXEC_TIMEOUT_MARGIN_S = 10.0
@@ -31,6 +32,11 @@ class ExecResult:
     @property
     def ok(self) -> bool:
         return self.exit_code == 0 and not self.timed_out
+
+
+def _transient(exc: OSError) -> bool:
+    """Errors that go away once the VMM has created its socket or the agent listens."""
+    return exc.errno in (errno.ENOENT, errno.ECONNREFUSED, errno.ECONNRESET, errno.EAGAIN, errno.EPIPE)
 
 
 def _describe(exc: OSError) -> str:
@@ -66,12 +72,13 @@ class AgentClient:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.settimeout(max(timeout, 0.001))
-            sock.connect(str(path))
+            sock.connect(short_path(path))
         except OSError as exc:
             sock.close()
             if isinstance(exc, TimeoutError):
                 raise AgentTimeout(f"connecting to agent socket {path} timed out") from exc
-            raise AgentError(f"cannot connect to agent socket {path}: {_describe(exc)}") from exc
+            raise AgentError(f"cannot connect to agent socket {path}: {_describe(exc)}",
+                             transient=_transient(exc)) from exc
         client = cls(sock, str(path))
         if handshake:
             client._handshake(deadline)
@@ -87,7 +94,7 @@ class AgentClient:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.settimeout(max(timeout, 0.001))
-            sock.connect(str(uds))
+            sock.connect(short_path(uds))
             sock.sendall(f"CONNECT {port}\n".encode())
             line = bytearray()
             while not line.endswith(b"\n"):
@@ -109,7 +116,8 @@ class AgentClient:
             raise
         except OSError as exc:
             sock.close()
-            raise AgentError(f"cannot connect to vsock {where}: {_describe(exc)}") from exc
+            raise AgentError(f"cannot connect to vsock {where}: {_describe(exc)}",
+                             transient=_transient(exc)) from exc
         if not line.startswith(b"OK "):
             sock.close()
             raise AgentError(f"vsock {where}: unexpected CONNECT reply {bytes(line)!r}")
@@ -321,6 +329,8 @@ def wait_ready(
         try:
             return connect()
         except AgentError as exc:  # AgentTimeout included
+            if not exc.transient:
+                raise
             last = exc
         now = time.monotonic()
         if now >= end:
