@@ -100,3 +100,19 @@ def built(cli: CLI) -> CLI:
 
 
 os.environ.setdefault("VMFORK_LOCK_TIMEOUT", "120")
+
+
+_REPORT: list[str] = []
+
+
+@pytest.fixture(scope="session")
+def report() -> list[str]:
+    """Lines appended here are printed in the terminal summary (measured figures)."""
+    return _REPORT
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _REPORT:
+        terminalreporter.section("vmfork measurements")
+        for line in _REPORT:
+            terminalreporter.write_line(line)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -74,10 +75,14 @@ json_opt = click.option("--json", "as_json", is_flag=True, help="Print machine-r
 @click.option("--data-dir", type=click.Path(path_type=Path), envvar="VMFORK_DATA_DIR",
               default=None, help="Where instances and images live [env VMFORK_DATA_DIR; default ~/.local/share/vmfork].")
 @click.option("-q", "--quiet", is_flag=True, help="No progress messages on stderr.")
+@click.option("--firecracker-bin", type=click.Path(path_type=Path), envvar="VMFORK_FIRECRACKER_BIN",
+              default=None, help="The firecracker binary [env VMFORK_FIRECRACKER_BIN; default: from PATH].")
 @click.version_option(__version__, prog_name="vmfork")
 @click.pass_context
-def main(ctx: click.Context, data_dir: Path | None, quiet: bool) -> None:
+def main(ctx: click.Context, data_dir: Path | None, quiet: bool, firecracker_bin: Path | None) -> None:
     """vmfork: boot microVMs, put them in standby, restore and fork them copy-on-write."""
+    if firecracker_bin is not None:
+        os.environ["VMFORK_FIRECRACKER_BIN"] = str(firecracker_bin.absolute())
     ctx.obj = Ctx((data_dir or default_data_dir()).absolute(), quiet)
 
 
@@ -217,7 +222,7 @@ def inspect(c: Ctx, name: str, as_json: bool) -> None:
     _emit(as_json, d, human)
 
 
-@main.command("exec", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@main.command("exec", context_settings={"ignore_unknown_options": True})
 @click.argument("name")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED, required=True)
 @click.option("--timeout", type=float, default=None, help="Kill the command after this many seconds (exit 124).")
@@ -232,8 +237,6 @@ def exec_(c: Ctx, name: str, command: tuple[str, ...], timeout: float | None, en
     Usage: vmfork exec NAME -- CMD [ARGS...]
     """
     argv = list(command)
-    if argv and argv[0] == "--":
-        argv = argv[1:]
     env: dict[str, str] = {}
     for kv in envs:
         if "=" not in kv:
@@ -298,9 +301,14 @@ def doctor(c: Ctx, as_json: bool) -> None:
     report = run_checks(c.data_dir, c.progress)
 
     def human() -> None:
+        t = Table(box=None, show_header=False, pad_edge=False)
+        t.add_column(justify="right")
+        t.add_column(style="bold")
+        t.add_column(overflow="fold")
+        style = {"ok": "green", "warn": "yellow", "fail": "red", "info": "cyan"}
         for item in report["checks"]:
-            mark = {"ok": "[green]ok[/]", "warn": "[yellow]warn[/]", "fail": "[red]FAIL[/]", "info": "[cyan]info[/]"}[item["status"]]
-            out.print(f"{mark:>18}  {item['name']:<22} {item['detail']}", markup=True, soft_wrap=True)
+            t.add_row(f"[{style[item['status']]}]{item['status']}[/]", item["name"], item["detail"])
+        out.print(t)
 
     _emit(as_json, report, human)
     if any(i["status"] == "fail" for i in report["checks"]):

@@ -32,7 +32,7 @@ from vmfork.errors import (
     VmforkError,
     WrongState,
 )
-from vmfork.forkvm import CopyStats, clone_tree
+from vmfork.forkvm import CopyStats, clone_file, clone_tree
 from vmfork.guest.agent import AgentClient, ExecResult, wait_ready
 from vmfork.hypervisor import get_hypervisor, resolve_accel
 from vmfork.hypervisor.base import Hypervisor, VMConfig
@@ -180,13 +180,10 @@ class Manager:
                 shutil.rmtree(tmp, ignore_errors=True)
                 actions.append(f"{g.path.name}: removed an unfinished standby")
                 if proc is not None:  # the guest may be left paused by the interrupted standby
+                    inst = self._load(g.path)
                     try:
-                        from vmfork.hypervisor.qmp import QMP
-
-                        with QMP.connect(g.run / "qmp.sock", timeout=2, alive=proc.alive) as q:
-                            if q.execute("query-status").get("status") == "paused":
-                                q.execute("cont")
-                                actions.append(f"{g.path.name}: resumed the guest")
+                        if inst is not None and self.hypervisor(inst).resume(g, proc):
+                            actions.append(f"{g.path.name}: resumed the guest")
                     except VmforkError:
                         pass
         if g.restoring.exists():
@@ -204,7 +201,11 @@ class Manager:
             proc.kill()
 
     def _kill_orphan_vmms(self, actions: list[str]) -> None:
-        """Kill VMMs running in one of our guest dirs that no instance records as its VMM."""
+        """Kill VMMs running in one of our guest dirs that no instance records as its VMM.
+
+        A VMM whose instance lock is held belongs to a vmfork command at work (it may not
+        have recorded its pid yet): it is left alone.
+        """
         guests = str(self.dd.guests.resolve())
         for pid_s in os.listdir("/proc"):
             if not pid_s.isdigit():
@@ -218,14 +219,23 @@ class Manager:
             if not cwd.startswith(guests + "/") or not exe.startswith(("qemu-system", "firecracker")):
                 continue
             gdir = Path(cwd.removesuffix(" (deleted)"))
-            rec = vmm_record(GuestDir(gdir)) if gdir.exists() else None
-            if rec is not None and rec.pid == pid:
-                continue
+            fd: int | None = -1
+            if gdir.exists():
+                rec = vmm_record(GuestDir(gdir))
+                if rec is not None and rec.pid == pid:
+                    continue
+                iid = gdir.name.removeprefix(".tmp-").removeprefix(".trash-")
+                fd = try_lock(self.dd.locks / f"{iid}.lock")
+                if fd is None:
+                    continue
             try:
                 ProcRef.of(pid).kill(timeout=2)
                 actions.append(f"killed orphan VMM pid {pid} in {gdir.name}")
             except ProcessLookupError:
                 pass
+            finally:
+                if fd is not None and fd >= 0:
+                    os.close(fd)
 
     # --- create -----------------------------------------------------------------------------
     def _check_name_free(self, name: str) -> None:
@@ -272,7 +282,7 @@ class Manager:
                 )
                 try:
                     GuestDir(tmp).ensure_dirs()
-                    clone_tree_file(image.overlay_template, inst.g.disk)
+                    clone_file(image.overlay_template, inst.g.disk)
                     util.atomic_write_json(inst.g.metadata, inst.to_json())
                     os.rename(tmp, self.dd.guests / iid)
                 except BaseException:
@@ -465,7 +475,10 @@ class Manager:
         try:
             self._agent_ready(inst, hv, proc, RESTORE_TIMEOUT, "restore")
         except BaseException:
-            shutil.rmtree(g.restoring, ignore_errors=True)
+            if not hv.capabilities.restore_consumes_snapshot and snapshot_complete(g.restoring):
+                os.rename(g.restoring, g.snapshot_latest)  # never written to: still valid
+            else:
+                shutil.rmtree(g.restoring, ignore_errors=True)
             raise
         if hv.capabilities.restore_consumes_snapshot:
             shutil.rmtree(g.restoring, ignore_errors=True)
@@ -579,12 +592,3 @@ class Manager:
             a.ping()
             yield a
 
-
-def clone_tree_file(src: Path, dst: Path) -> None:
-    """Copy one file copy-on-write (reflink, else sparse) — the image's overlay template."""
-    from vmfork.forkvm import clone_file
-
-    try:
-        clone_file(src, dst)
-    except OSError as e:
-        raise VmforkError(f"cannot create disk {dst}: {e.strerror}") from None
