@@ -57,8 +57,12 @@ def run_checks(data_dir: Path, progress: Callable[[str], None]) -> dict[str, Any
     add("copy-on-write", "ok" if reflink else "warn",
         "FICLONE reflink works: forks share the source's blocks"
         if reflink else f"no reflink on {fs}: forks use a sparse copy (data is copied, holes kept)")
-    fc = shutil.which("firecracker")
-    add("firecracker", "info" if fc else "warn", fc or "not found on PATH (the firecracker backend cannot run here)")
+    from vmfork.hypervisor import get_hypervisor
+
+    fc = get_hypervisor("firecracker")
+    fc_problem = fc.available()
+    add("firecracker", "warn" if fc_problem else "ok",
+        f"{fc_problem} (--hypervisor firecracker cannot run here)" if fc_problem else f"{fc.version()}")
     for tool in ("busybox", "mkfs.ext4", "cpio", "dpkg-deb", "apt-get", "lz4"):
         path = shutil.which(tool)
         add(tool, "ok" if path else "fail", path or "missing: run 'make setup'")

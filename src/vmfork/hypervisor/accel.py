@@ -80,7 +80,8 @@ def probe_kvm(binary: str, qemu_version: str, image: Image, timeout: float | Non
                     break
                 if p.poll() is not None:
                     err = (p.stderr.read() if p.stderr else b"").decode(errors="replace").strip()
-                    reason = f"QEMU exited under -accel kvm: {err or 'no message'}"
+                    first = err.splitlines()[0] if err else "no message"
+                    reason = f"QEMU exited under -accel kvm: {first.removeprefix(binary + ': ')}"
                     break
                 time.sleep(0.05)
             else:

@@ -89,6 +89,10 @@ class Hypervisor(ABC):
             raise WrongState(f"instance '{name}': its snapshot was written by {cfg.hypervisor} "
                              f"{cfg.vmm_version}, this is {self.version()}; restoring it is not supported")
 
+    @abstractmethod
+    def resume(self, g: GuestDir, proc: ProcRef) -> bool:
+        """Resume a paused guest (left paused by an interrupted standby); True if it was paused."""
+
     def status(self, g: GuestDir, proc: ProcRef) -> str:
         """Fine-grained VMM status (running/paused); default: running."""
         return "running"

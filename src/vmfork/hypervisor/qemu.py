@@ -196,6 +196,13 @@ class QemuHypervisor(Hypervisor):
         if not proc.wait_exit(5):
             proc.kill()
 
+    def resume(self, g: GuestDir, proc: ProcRef) -> bool:
+        with self._qmp(g, proc, timeout=2) as q:
+            if q.execute("query-status").get("status") != "paused":
+                return False
+            q.execute("cont")
+            return True
+
     def agent(self, g: GuestDir, timeout: float) -> AgentClient:
         return AgentClient.connect_unix(g.run / "agent.sock", timeout)
 
