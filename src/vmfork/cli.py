@@ -362,7 +362,7 @@ def demo(c: Ctx, memory: str, keep: bool) -> None:
     """Boot a VM, write sentinels, standby, fork, restore both, show each sees its own state."""
     from vmfork.demo import run_demo
 
-    run_demo(c.mgr, util.parse_memory(memory), keep=keep, say=out.print)
+    run_demo(c.mgr, util.parse_memory(memory), keep=keep, say=lambda m: out.print(m, soft_wrap=True))
 
 
 if __name__ == "__main__":

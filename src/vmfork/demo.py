@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from vmfork.errors import NotFound, VmforkError
@@ -18,14 +20,22 @@ def _sh(mgr: Any, name: str, script: str) -> str:
     return str(r.stdout.decode(errors="replace").strip())
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def run_demo(mgr: Any, memory_mib: int, *, keep: bool, say: Callable[..., None]) -> None:
     timings: list[tuple[str, float]] = []
 
-    def step(label: str, fn: Callable[[], Any]) -> Any:
+    def step(key: str, label: str, fn: Callable[[], Any]) -> Any:
         t0 = time.monotonic()
         result = fn()
         dt = time.monotonic() - t0
-        timings.append((label, dt))
+        timings.append((key, dt))
         say(f"[bold]{label}[/] [dim]({dt:.3f}s)[/]")
         return result
 
@@ -36,21 +46,27 @@ def run_demo(mgr: Any, memory_mib: int, *, keep: bool, say: Callable[..., None])
         except NotFound:
             pass
 
-    inst = step(f"boot '{SRC}' ({memory_mib} MiB)", lambda: mgr.run(SRC, memory_mib=memory_mib))
-    say(f"  accel: {inst.accel}; guest kernel: " + _sh(mgr, SRC, "uname -r"))
-    step("write sentinels in the source (RAM: /run, disk: /root)", lambda: _sh(
+    inst = step("boot", f"boot '{SRC}' ({memory_mib} MiB)", lambda: mgr.run(SRC, memory_mib=memory_mib))
+    say(f"  accel {inst.accel}, guest kernel {_sh(mgr, SRC, 'uname -r')}")
+    step("write", "write sentinels in the source: RAM (/run, tmpfs) and disk (/root)", lambda: _sh(
         mgr, SRC, "echo born-before-fork > /run/sentinel && echo born-before-fork > /root/sentinel && sync"))
-    step(f"standby '{SRC}'", lambda: mgr.standby(SRC))
-    before = mgr.describe(mgr.find(SRC), detail=True)["snapshot"]
-    fork, t = step(f"fork '{SRC}' -> '{FORK}'", lambda: mgr.fork(SRC, FORK))
-    say(f"  clone of the guest dir: {t['clone_s'] * 1000:.1f} ms ({t['clone_method']})")
-    after = mgr.describe(fork, detail=True)["snapshot"]
-    say(f"  mem-file inode: source {before['memory_inode']}, fork {after['memory_inode']} (different files)")
-    step(f"restore '{FORK}'", lambda: mgr.restore(FORK))
-    step(f"restore '{SRC}'", lambda: mgr.restore(SRC))
-    step("each writes its own state", lambda: (
-        _sh(mgr, SRC, "echo i-am-the-source > /run/who && echo i-am-the-source > /root/who"),
-        _sh(mgr, FORK, "echo i-am-the-fork > /run/who && echo i-am-the-fork > /root/who")))
+    step("standby", f"standby '{SRC}' (memory + device state to files, VMM stopped)", lambda: mgr.standby(SRC))
+    src_mem = inst.dir / "snapshots" / "snapshot-latest" / "memory"
+    digest = _sha256(src_mem)
+    fork, t = step("fork", f"fork '{SRC}' -> '{FORK}'", lambda: mgr.fork(SRC, FORK))
+    fork_mem = fork.dir / "snapshots" / "snapshot-latest" / "memory"
+    say(f"  guest dir cloned in {t['clone_s'] * 1000:.1f} ms ({t['clone_method']}); mem-file inode "
+        f"{src_mem.stat().st_ino} (source) vs {fork_mem.stat().st_ino} (fork)")
+    step("restore-fork", f"restore '{FORK}'", lambda: mgr.restore(FORK))
+    step("diverge", "the fork writes its own state and saves its own snapshot", lambda: (
+        _sh(mgr, FORK, "echo i-am-the-fork > /run/who && echo i-am-the-fork > /root/who && sync"),
+        mgr.standby(FORK), mgr.restore(FORK)))
+    same = _sha256(src_mem) == digest
+    say(f"  source snapshot after all that: {'byte-identical (sha256 ' + digest[:12] + '…)' if same else 'CHANGED'}")
+    if not same:
+        raise VmforkError("demo: the source's snapshot changed while the fork ran")
+    step("restore-source", f"restore '{SRC}'", lambda: mgr.restore(SRC))
+    _sh(mgr, SRC, "echo i-am-the-source > /run/who && echo i-am-the-source > /root/who")
     show = "echo host=$(hostname) ram=$(cat /run/sentinel),$(cat /run/who) disk=$(cat /root/sentinel),$(cat /root/who)"
     say("[bold]what each guest sees:[/]")
     for n in (SRC, FORK):
@@ -59,4 +75,4 @@ def run_demo(mgr: Any, memory_mib: int, *, keep: bool, say: Callable[..., None])
         for n in (FORK, SRC):
             mgr.rm(n, force=True)
         say("[dim]removed the demo instances (use --keep to keep them)[/]")
-    say("[bold]timings[/]: " + ", ".join(f"{label.split(' ')[0]} {dt:.2f}s" for label, dt in timings))
+    say("[bold]timings[/]: " + ", ".join(f"{key} {dt:.3f}s" for key, dt in timings))
