@@ -9,7 +9,7 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -115,14 +115,18 @@ def xfs_cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CLI]:
     yield from _fs_cli("xfs", tmp_path_factory)
 
 
-def test_fork_isolation_ten_steps(fs_cli: CLI, report: list[str]) -> None:
-    cli = fs_cli
+def ten_steps(cli: CLI, report: list[str], hypervisor: str = "qemu",
+              after_standby: Callable[[str], None] | None = None) -> None:
+    """The ten invariant steps; ``after_standby(name)`` adds backend-specific checks."""
     reflink = bool(cli.json("doctor")["reflink"])  # type: ignore[index]
+    check = after_standby or (lambda _name: None)
     # 1. boot a source; 2. source-only sentinels; 3. standby
-    cli("run", "src", "--memory", f"{MEM_MIB}M")
+    cli("run", "src", "--memory", f"{MEM_MIB}M", "--hypervisor", hypervisor)
+    assert cli.json("inspect", "src")["hypervisor"] == hypervisor  # type: ignore[index]
     cli.sh("src", SENTINELS)
     cli("standby", "src")
     assert cli.state("src") == "standby"
+    check("src")
     # 4. fingerprint snapshot-latest/memory (inode + SHA-256), plus its state and disk
     before = snap_files(cli, "src")
     used0 = used_bytes(cli.data_dir)
@@ -140,12 +144,13 @@ def test_fork_isolation_ten_steps(fs_cli: CLI, report: list[str]) -> None:
     # 7. fork-only sentinels; the fork writes its own snapshot
     cli.sh("f1", "echo fork-ram > /run/forkonly && echo fork-disk > /root/forkonly && sync")
     cli("standby", "f1")
+    check("f1")
     # 8. source byte-identical; a reflinked fork costs far less disk than its RAM
     assert snap_files(cli, "src") == before
     grown = used_bytes(cli.data_dir) - used0
     fs = cli.json("doctor")["filesystem"]  # type: ignore[index]
     report.append(
-        f"fork lifecycle (fork, restore, write, standby) on {fs} (reflink={reflink}): "
+        f"{hypervisor}: fork lifecycle (fork, restore, write, standby) on {fs} (reflink={reflink}): "
         f"+{grown / 2**20:.1f} MiB of disk for a {MEM_MIB} MiB guest"
     )
     if reflink:
@@ -158,6 +163,10 @@ def test_fork_isolation_ten_steps(fs_cli: CLI, report: list[str]) -> None:
     assert cli.sh("src", SHOW).split() == ["src-ram", "src-disk"]
     assert cli.sh("src", "hostname") == "src"
     cli("rm", "--force", "src")
+
+
+def test_fork_isolation_ten_steps(fs_cli: CLI, report: list[str]) -> None:
+    ten_steps(fs_cli, report)
 
 
 @pytest.fixture

@@ -16,9 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmfork.errors import ExternalToolError, ImageError
+from vmfork.errors import ImageError
 from vmfork.images import kernel as kern
 from vmfork.images.cpio import CpioArchive
+from vmfork.images.tools import run_tool
 from vmfork.paths import cache_dir
 
 # Bump when the recipe (this file's logic) changes in a way that changes the output.
@@ -72,22 +73,6 @@ Progress = Callable[[str], None]
 
 def _noop(_msg: str) -> None:
     pass
-
-
-def run_tool(argv: list[str], tool: str | None = None, cwd: Path | None = None) -> str:
-    """Run a build tool; failure → ExternalToolError with its stderr."""
-    name = tool or Path(argv[0]).name
-    try:
-        proc = subprocess.run(
-            argv, capture_output=True, text=True, check=False, cwd=cwd,
-            env={**os.environ, "LC_ALL": "C"},
-        )
-    except FileNotFoundError as exc:
-        raise ExternalToolError(name, f"{argv[0]} not found") from exc
-    if proc.returncode != 0:
-        msg = proc.stderr.strip() or proc.stdout.strip()
-        raise ExternalToolError(name, msg or f"exit status {proc.returncode}")
-    return proc.stdout
 
 
 def sha256_bytes(data: bytes) -> str:

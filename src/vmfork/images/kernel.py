@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vmfork.errors import ExternalToolError, ImageError
+from vmfork.images.tools import run_tool
 
 METAPACKAGE = "linux-image-cloud-amd64"
 
@@ -42,19 +43,13 @@ class KernelPackage:
 
 
 def _run(argv: list[str], tool: str, cwd: Path | None = None) -> str:
+    """run_tool, with a hint where apt does not know the kernel package."""
     try:
-        proc = subprocess.run(
-            argv, cwd=cwd, capture_output=True, text=True, check=False,
-            env={**os.environ, "LC_ALL": "C"},
-        )
-    except FileNotFoundError as exc:
-        raise ExternalToolError(tool, f"{argv[0]} not found (is this Debian/Ubuntu?)") from exc
-    if proc.returncode != 0:
-        msg = proc.stderr.strip() or proc.stdout.strip() or f"exit status {proc.returncode}"
-        if "Unable to locate package" in msg or "No packages found" in msg:
-            msg += f"; {_APT_HINT}"
-        raise ExternalToolError(tool, msg)
-    return proc.stdout
+        return run_tool(argv, tool, cwd)
+    except ExternalToolError as e:
+        if "Unable to locate package" in e.tool_message or "No packages found" in e.tool_message:
+            raise ExternalToolError(tool, f"{e.tool_message}; {_APT_HINT}") from None
+        raise
 
 
 def resolve_kernel_package(metapackage: str = METAPACKAGE) -> KernelPackage:
