@@ -14,7 +14,7 @@ test-fast: setup
 	.venv/bin/python -m pytest tests/unit
 
 lint: setup
-	.venv/bin/ruff check src tests bench
+	.venv/bin/ruff check src tests
 	.venv/bin/mypy
 
 bench: setup
