@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import signal
 import time
 from dataclasses import dataclass
@@ -61,6 +62,25 @@ class ProcRef:
         return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
 
     def wait_exit(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for the process to exit; True if it did.
+
+        Woken by a pidfd the moment the process exits (no polling lag); falls back to short
+        growing sleeps where pidfds are unavailable.
+        """
+        try:
+            pidfd = os.pidfd_open(self.pid)
+        except OSError:  # gone already, or no pidfd support
+            return self._poll_exit(timeout)
+        try:
+            if self.alive():  # checked after opening: the pidfd refers to this very process
+                poller = select.poll()
+                poller.register(pidfd, select.POLLIN)
+                poller.poll(max(timeout, 0) * 1000)
+            return not self.alive()  # alive() also reaps it if it is our child
+        finally:
+            os.close(pidfd)
+
+    def _poll_exit(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         delay = 0.002
         while self.alive():

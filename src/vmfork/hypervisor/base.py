@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import subprocess
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vmfork.errors import HypervisorError
 from vmfork.guest.agent import AgentClient
 from vmfork.images import Image
 from vmfork.layout import GuestDir
 from vmfork.procs import ProcRef
+from vmfork.util import atomic_write_json
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,34 @@ class VMConfig:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> VMConfig:
         return cls(**d)
+
+
+Starter = Callable[..., "subprocess.Popen[bytes]"]
+
+
+def spawn_vmm(g: GuestDir, argv: list[str], hypervisor: str, *, pass_fds: tuple[int, ...] = (),
+              start: Starter | None = None) -> ProcRef:
+    """Start a VMM detached (own session) in the guest dir, its output appended to
+    ``logs/vmm.log``, and record it in ``run/vmm.json`` (pid + start time).
+
+    ``start`` replaces ``subprocess.Popen`` (same arguments), e.g. to add a seccomp filter.
+    """
+    g.ensure_dirs()
+    with open(g.vmm_log, "ab") as log:
+        log.write(f"--- {' '.join(argv)}\n".encode())
+        log.flush()
+        try:
+            p = (start or subprocess.Popen)(
+                argv, cwd=g.path, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                start_new_session=True, close_fds=True, pass_fds=pass_fds,
+            )
+        except OSError as e:
+            raise HypervisorError(f"cannot start {argv[0]}: {e.strerror}") from None
+    p.returncode = 0  # detached: we track it by ProcRef; silence Popen's ResourceWarning
+    proc = ProcRef.of(p.pid)
+    atomic_write_json(g.vmm_json, {"pid": proc.pid, "start": proc.start, "hypervisor": hypervisor},
+                      durable=False)
+    return proc
 
 
 class Hypervisor(ABC):

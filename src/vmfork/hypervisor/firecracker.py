@@ -51,7 +51,7 @@ from pathlib import Path
 from vmfork.errors import HypervisorError, VmforkError, WrongState
 from vmfork.guest.agent import AgentClient
 from vmfork.hypervisor import fc_vmstate
-from vmfork.hypervisor.base import Capabilities, Hypervisor, VMConfig
+from vmfork.hypervisor.base import Capabilities, Hypervisor, VMConfig, spawn_vmm
 from vmfork.hypervisor.firecracker_api import CONFIG_TIMEOUT, FirecrackerAPI, FirecrackerUnreachable
 from vmfork.hypervisor.qemu import tail
 from vmfork.images import Image
@@ -129,20 +129,7 @@ class FirecrackerHypervisor(Hypervisor):
         for rel in (API_SOCK, VSOCK_UDS):
             (g.path / rel).unlink(missing_ok=True)
         argv = [self.binary, "--api-sock", API_SOCK, "--id", f"vmfork-{cfg.extra.get('id', 'probe')}"]
-        with open(g.vmm_log, "ab") as log:
-            log.write(f"--- {' '.join(argv)}\n".encode())
-            log.flush()
-            try:
-                p = subprocess.Popen(
-                    argv, cwd=g.path, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                    start_new_session=True, close_fds=True,
-                )
-            except OSError as e:
-                raise HypervisorError(f"cannot start {argv[0]}: {e.strerror}") from None
-        p.returncode = 0  # detached: we track it by ProcRef; silence Popen's ResourceWarning
-        proc = ProcRef.of(p.pid)
-        atomic_write_json(g.vmm_json, {"pid": proc.pid, "start": proc.start, "hypervisor": self.name},
-                          durable=False)
+        proc = spawn_vmm(g, argv, self.name)
         return proc
 
     def _api(self, g: GuestDir, timeout: float = CONFIG_TIMEOUT) -> FirecrackerAPI:
