@@ -18,6 +18,7 @@ import errno
 import fcntl
 import os
 import stat
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,13 +33,19 @@ __all__ = [
     "CopyError",
     "CopyMode",
     "CopyStats",
+    "ExtentStats",
     "SkipFn",
     "allocated_bytes",
     "clone_file",
     "clone_tree",
+    "cow_extent_size_hint",
     "default_skip",
+    "extent_stats",
     "filesystem_type",
+    "fsync_tree",
+    "has_shared_extents",
     "reflink_supported",
+    "set_cow_extent_size_hint",
     "sparse_copy_file",
 ]
 
@@ -367,7 +374,10 @@ def clone_tree(
     for every entry (``rel`` relative to ``src``); a skipped directory is not
     entered. Sockets, FIFOs and devices are never copied. Hard links are cloned as
     separate files. With ``fsync=True`` every file, every created directory and
-    the parent of ``dst`` are fsynced before returning.
+    the parent of ``dst`` are fsynced before returning: all at the end, files first,
+    so that a journaling filesystem commits the whole clone with its first log force
+    and the other fsyncs find nothing left to do (on XFS 1.7 ms instead of 2.8 ms
+    for a guest dir, where each fsync right after its file forced the log again).
 
     On any failure the partial ``dst`` is removed and the error re-raised (OS
     errors as CopyError). ``src`` is only read.
@@ -390,22 +400,18 @@ def clone_tree(
     try:
         stats = CopyStats()
         dirs: list[tuple[Path, os.stat_result]] = [(dst, st)]
-        _clone_dir(src, dst, Path(), skip, reflinker, stats, dirs, fsync)
+        files: list[Path] = []
+        _clone_dir(src, dst, Path(), skip, reflinker, stats, dirs, files)
         # Directory metadata last (bottom-up), so creating entries does not
         # change the mtimes and read-only directories could still be filled.
         for path, dst_st in reversed(dirs):
             try:
                 os.chmod(path, stat.S_IMODE(dst_st.st_mode))
                 os.utime(path, ns=(dst_st.st_atime_ns, dst_st.st_mtime_ns))
-                if fsync:
-                    fsync_dir(path)
             except OSError as exc:
                 raise CopyError.from_oserror(exc, f"setting attributes of {path}", path) from exc
         if fsync:
-            try:
-                fsync_dir(dst_real.parent)
-            except OSError as exc:
-                raise CopyError.from_oserror(exc, f"syncing {dst_real.parent}", dst) from exc
+            _fsync_all(files, [path for path, _ in reversed(dirs)] + [dst_real.parent])
     except BaseException:
         _remove_tree(dst)
         raise
@@ -420,7 +426,7 @@ def _clone_dir(
     reflinker: _Reflinker,
     stats: CopyStats,
     dirs: list[tuple[Path, os.stat_result]],
-    fsync: bool,
+    files: list[Path],
 ) -> None:
     try:
         with os.scandir(src_dir) as it:
@@ -440,7 +446,8 @@ def _clone_dir(
             continue
         mode = st.st_mode
         if stat.S_ISREG(mode):
-            _copy_file(src, dst, reflinker, stats, fsync)
+            _copy_file(src, dst, reflinker, stats, fsync=False)
+            files.append(dst)
         elif stat.S_ISDIR(mode):
             try:
                 os.mkdir(dst, 0o700)
@@ -448,7 +455,7 @@ def _clone_dir(
                 raise CopyError.from_oserror(exc, f"creating directory {dst}", dst) from exc
             stats.dirs += 1
             dirs.append((dst, st))
-            _clone_dir(src, dst, rel, skip, reflinker, stats, dirs, fsync)
+            _clone_dir(src, dst, rel, skip, reflinker, stats, dirs, files)
         elif stat.S_ISLNK(mode):
             try:
                 target = os.readlink(src)
@@ -459,6 +466,51 @@ def _clone_dir(
             stats.symlinks += 1
         else:  # socket, FIFO, device: meaningless in a clone
             stats.skipped += 1
+
+
+def _fsync_all(files: list[Path], dirs: list[Path]) -> None:
+    """fsync ``files``, then ``dirs`` (in the order given); OS errors as CopyError."""
+    for path in files:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise CopyError.from_oserror(exc, f"syncing {path}", path) from exc
+    for path in dirs:
+        try:
+            fsync_dir(path)
+        except OSError as exc:
+            raise CopyError.from_oserror(exc, f"syncing {path}", path) from exc
+
+
+def fsync_tree(root: Path, *, parent: bool = True) -> None:
+    """Make ``root`` durable: fsync every regular file below it, then every directory
+    (deepest first, ``root`` last), then (with ``parent``) ``root``'s parent. Symlinks are
+    not followed.
+
+    Files first and all at the end, as in ``clone_tree(fsync=True)``: one log force
+    commits the lot on a journaling filesystem.
+    """
+    root = Path(root)
+    files: list[Path] = []
+    dirs: list[Path] = []
+    stack = [root]
+    while stack:
+        d = stack.pop()
+        dirs.append(d)
+        try:
+            with os.scandir(d) as it:
+                for e in it:
+                    if e.is_dir(follow_symlinks=False):
+                        stack.append(Path(e.path))
+                    elif e.is_file(follow_symlinks=False):
+                        files.append(Path(e.path))
+        except OSError as exc:
+            raise CopyError.from_oserror(exc, f"reading directory {d}", d) from exc
+    _fsync_all(files, [*reversed(dirs), *([root.resolve().parent] if parent else [])])
 
 
 def _remove_tree(path: Path) -> None:
@@ -558,6 +610,133 @@ def filesystem_type(path: Path) -> str:
             if matches and len(mount_point) >= best_len:
                 best, best_len = fstype, len(mount_point)
     return best
+
+
+# ---------------------------------------------------------------------------
+# copy-on-write extent size hint (XFS)
+
+#: ``_IOR('X', 31, struct fsxattr)`` / ``_IOW('X', 32, struct fsxattr)`` from ``<linux/fs.h>``.
+FS_IOC_FSGETXATTR = 0x801C581F
+FS_IOC_FSSETXATTR = 0x401C5820
+FS_XFLAG_COWEXTSIZE = 0x00010000
+# struct fsxattr: xflags, extsize, nextents, projid, cowextsize, 8 bytes of padding
+_FSXATTR = "=IIIII8s"
+
+
+def cow_extent_size_hint(path: Path) -> int | None:
+    """The copy-on-write extent size hint of ``path`` in bytes (XFS ``cowextsize``), or
+    None if it has none or the filesystem has no such thing."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        raw = fcntl.ioctl(fd, FS_IOC_FSGETXATTR, bytes(struct.calcsize(_FSXATTR)))
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    xflags, _ext, _n, _proj, cowextsize, _pad = struct.unpack(_FSXATTR, raw)
+    return cowextsize if xflags & FS_XFLAG_COWEXTSIZE and cowextsize else None
+
+
+def set_cow_extent_size_hint(directory: Path, size: int) -> bool:
+    """Give ``directory`` a copy-on-write extent size hint of ``size`` bytes (XFS).
+
+    Files and directories created in it afterwards inherit the hint. It is the unit in
+    which XFS allocates a copy-on-write of a shared (reflinked) extent; the default is
+    32 blocks (128 KiB): a fork that dirties one 4 KiB page of its mem-file then gets a
+    128 KiB allocation, most of it never written. With 4 KiB, a fork generation of a
+    256 MiB guest added 1.4 MiB of disk instead of ~12 MiB (see docs/bench).
+
+    Returns whether ``directory`` has the hint now: False where the filesystem has no such
+    thing (ext4 ignores it, tmpfs and btrfs refuse it) or refuses the size.
+    """
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        raw = fcntl.ioctl(fd, FS_IOC_FSGETXATTR, bytes(struct.calcsize(_FSXATTR)))
+        xflags, extsize, _n, projid, cowextsize, pad = struct.unpack(_FSXATTR, raw)
+        if xflags & FS_XFLAG_COWEXTSIZE and cowextsize == size:
+            return True
+        new = struct.pack(_FSXATTR, xflags | FS_XFLAG_COWEXTSIZE, extsize, 0, projid, size, pad)
+        fcntl.ioctl(fd, FS_IOC_FSSETXATTR, new)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return cow_extent_size_hint(directory) == size  # ext4 accepts the call and ignores the flag
+
+
+# ---------------------------------------------------------------------------
+# extents (FIEMAP)
+
+#: ``_IOWR('f', 11, struct fiemap)`` from ``<linux/fs.h>``.
+FS_IOC_FIEMAP = 0xC020660B
+FIEMAP_FLAG_SYNC = 0x1
+FIEMAP_EXTENT_LAST = 0x1
+FIEMAP_EXTENT_SHARED = 0x2000
+# struct fiemap: start, length, flags, mapped_extents, extent_count, reserved
+_FIEMAP_HDR = "=QQIIII"
+# struct fiemap_extent: logical, physical, length, reserved64[2], flags, reserved[3]
+_FIEMAP_EXT = "=QQQQQIIII"
+
+
+@dataclass
+class ExtentStats:
+    count: int = 0  # data extents
+    bytes: int = 0  # bytes in them
+    shared_bytes: int = 0  # of which shared with other files (reflinks)
+
+    @property
+    def exclusive_bytes(self) -> int:
+        return self.bytes - self.shared_bytes
+
+
+def extent_stats(path: Path, *, stop_at_shared: bool = False, sync: bool = True) -> ExtentStats:
+    """The data extents of ``path`` (FIEMAP; dirty data written back first with ``sync``).
+
+    ``stop_at_shared`` returns at the first extent shared with another file. Raises OSError
+    where FIEMAP is unsupported (tmpfs, ...).
+    """
+    batch = 256
+    hdr, ext = struct.calcsize(_FIEMAP_HDR), struct.calcsize(_FIEMAP_EXT)
+    out = ExtentStats()
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        start = 0
+        while True:
+            buf = bytearray(struct.pack(_FIEMAP_HDR, start, (1 << 64) - 1 - start,
+                                        FIEMAP_FLAG_SYNC if sync else 0, 0, batch, 0))
+            buf += bytes(ext * batch)
+            fcntl.ioctl(fd, FS_IOC_FIEMAP, buf)
+            mapped = struct.unpack_from(_FIEMAP_HDR, buf)[3]
+            if mapped == 0:
+                return out
+            for i in range(mapped):
+                logical, _phys, length, _r1, _r2, flags, *_ = struct.unpack_from(_FIEMAP_EXT, buf, hdr + i * ext)
+                out.count += 1
+                out.bytes += length
+                if flags & FIEMAP_EXTENT_SHARED:
+                    out.shared_bytes += length
+                    if stop_at_shared:
+                        return out
+                start = logical + length
+                if flags & FIEMAP_EXTENT_LAST:
+                    return out
+    finally:
+        os.close(fd)
+
+
+def has_shared_extents(path: Path) -> bool:
+    """Whether some data of ``path`` is shared with another file (a reflink clone or its
+    source), i.e. writing it will copy-on-write. False where this cannot be known."""
+    try:
+        return extent_stats(path, stop_at_shared=True, sync=False).shared_bytes > 0
+    except OSError:
+        return False
 
 
 def allocated_bytes(path: Path) -> int:

@@ -12,17 +12,23 @@ import functools
 import json
 import os
 import shutil
+import socket
 import subprocess
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from vmfork.errors import HypervisorError
+from vmfork.forkvm.copier import has_shared_extents
 from vmfork.guest.agent import AgentClient
-from vmfork.hypervisor.base import Capabilities, Hypervisor, VMConfig
-from vmfork.hypervisor.qmp import QMP
+from vmfork.hypervisor.base import Capabilities, Hypervisor, Starter, VMConfig, spawn_vmm
+from vmfork.hypervisor.thp import popen_without_ram_thp, ram_thp_kept
 from vmfork.images import Image
-from vmfork.layout import GuestDir
+from vmfork.layout import GuestDir, short_path
 from vmfork.procs import ProcRef
-from vmfork.util import atomic_write_json
+
+if TYPE_CHECKING:
+    from vmfork.hypervisor.qmp import QMP
 
 BINARY = "qemu-system-x86_64"
 
@@ -50,6 +56,8 @@ class QemuHypervisor(Hypervisor):
 
     def __init__(self, binary: str | None = None) -> None:
         self.binary = binary or os.environ.get("VMFORK_QEMU_BIN") or BINARY
+        #: Seconds per phase of the last restore: spawn, QMP handshake, state load, resume.
+        self.last_phases: dict[str, float] = {}
 
     def available(self) -> str | None:
         if shutil.which(self.binary) is None:
@@ -66,9 +74,16 @@ class QemuHypervisor(Hypervisor):
             parts.insert(1, f"tsc_early_khz={host_tsc_khz()}")
         return " ".join(parts)
 
-    def argv(self, cfg: VMConfig, image: Image, *, incoming: bool = False) -> list[str]:
-        """The QEMU command line; all instance paths are relative to the guest dir (cwd)."""
+    def argv(self, cfg: VMConfig, image: Image, *, incoming: bool = False,
+             qmp_fd: int | None = None) -> list[str]:
+        """The QEMU command line; all instance paths are relative to the guest dir (cwd).
+
+        With ``qmp_fd`` QMP listens on that inherited, already listening socket (bound to
+        ``run/qmp.sock`` by us) instead of creating ``run/qmp.sock`` itself.
+        """
         mem = f"{cfg.memory_mib}M"
+        qmp = (["-chardev", f"socket,id=qmp,fd={qmp_fd},server=on,wait=off", "-mon", "chardev=qmp,mode=control"]
+               if qmp_fd is not None else ["-qmp", "unix:run/qmp.sock,server=on,wait=off"])
         args = [
             self.binary,
             "-name", f"vmfork-{cfg.extra.get('id', 'probe')},debug-threads=on",
@@ -85,7 +100,7 @@ class QemuHypervisor(Hypervisor):
             "-device", "virtio-serial-device",
             "-chardev", "socket,id=agent,path=run/agent.sock,server=on,wait=off",
             "-device", "virtserialport,chardev=agent,name=agent",
-            "-qmp", "unix:run/qmp.sock,server=on,wait=off",
+            *qmp,
             "-drive", f"file={image.rootfs},format=raw,if=none,id=root,readonly=on",
             "-device", "virtio-blk-device,drive=root",
             "-drive", "file=disk.raw,format=raw,if=none,id=data,discard=unmap",
@@ -96,26 +111,39 @@ class QemuHypervisor(Hypervisor):
         return args
 
     # --- process ------------------------------------------------------------------------
-    def _spawn(self, g: GuestDir, argv: list[str]) -> ProcRef:
+    def _spawn(self, g: GuestDir, cfg: VMConfig, image: Image, *, incoming: bool = False) -> ProcRef:
+        """Start QEMU in the guest dir.
+
+        We bind and listen on ``run/qmp.sock`` ourselves and hand QEMU the socket: our QMP
+        client connects at once and is woken by QEMU's greeting, instead of polling for the
+        socket file (the polling cost 5-15 ms per restore). QEMU is started without
+        huge-page advice on its RAM file (see ``thp``).
+        """
         g.ensure_dirs()
         for sock in ("qmp.sock", "agent.sock"):
             (g.run / sock).unlink(missing_ok=True)
-        with open(g.vmm_log, "ab") as log:
-            log.write(f"--- {' '.join(argv)}\n".encode())
-            log.flush()
-            try:
-                p = subprocess.Popen(
-                    argv, cwd=g.path, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                    start_new_session=True, close_fds=True,
-                )
-            except OSError as e:
-                raise HypervisorError(f"cannot start {argv[0]}: {e.strerror}") from None
-        p.returncode = 0  # detached: we track it by ProcRef; silence Popen's ResourceWarning
-        proc = ProcRef.of(p.pid)
-        atomic_write_json(g.vmm_json, {"pid": proc.pid, "start": proc.start, "hypervisor": self.name}, durable=False)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(short_path(g.run / "qmp.sock"))
+            listener.listen(16)
+            argv = self.argv(cfg, image, incoming=incoming, qmp_fd=listener.fileno())
+            start: Starter | None = None
+            if not ram_thp_kept():
+                def start(argv: list[str], **kw: Any) -> subprocess.Popen[bytes]:
+                    p, problem = popen_without_ram_thp(argv, cfg.memory_mib << 20, **kw)
+                    if problem:
+                        kw["stdout"].write(f"--- vmfork: guest RAM keeps QEMU's huge-page advice: {problem}\n".encode())
+                    return p
+            proc = spawn_vmm(g, argv, self.name, pass_fds=(listener.fileno(),), start=start)
+        finally:
+            listener.close()  # QEMU holds the only copy now: if it dies, our connect fails
         return proc
 
     def _qmp(self, g: GuestDir, proc: ProcRef, timeout: float = 10.0) -> QMP:
+        # Imported here: asyncio + qemu.qmp cost ~19 ms of start-up to every command that
+        # never talks to QEMU (fork to standby, ps, exec, ...).
+        from vmfork.hypervisor.qmp import QMP
+
         return QMP.connect(
             g.run / "qmp.sock", timeout=timeout, alive=proc.alive, on_dead=lambda: tail(g.vmm_log, 3)
         )
@@ -127,7 +155,7 @@ class QemuHypervisor(Hypervisor):
 
     def boot(self, g: GuestDir, cfg: VMConfig, image: Image) -> ProcRef:
         g.memory.unlink(missing_ok=True)  # a cold boot gets fresh RAM (and drops any old clone)
-        proc = self._spawn(g, self.argv(cfg, image))
+        proc = self._spawn(g, cfg, image)
         try:
             with self._qmp(g, proc) as q:
                 q.execute("query-status")
@@ -136,15 +164,18 @@ class QemuHypervisor(Hypervisor):
         return proc
 
     def save(self, g: GuestDir, cfg: VMConfig, proc: ProcRef, into: Path) -> None:
+        t0 = time.monotonic()
         fd = os.open(into / "state", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             with self._qmp(g, proc) as q:
+                t_qmp = time.monotonic()
                 q.execute("stop")
                 q.execute("migrate-set-capabilities",
                           {"capabilities": [{"capability": "x-ignore-shared", "state": True}]})
                 q.pass_fd(fd, "vmfork-state")
                 q.execute("migrate", {"uri": "fd:vmfork-state"})
                 q.wait_migration()  # completed: QEMU has written and flushed the whole stream
+                t_state = time.monotonic()
                 q.quit()
         except HypervisorError as e:
             # The guest is paused or still running; leave it running rather than lose it.
@@ -156,25 +187,37 @@ class QemuHypervisor(Hypervisor):
             raise HypervisorError(f"standby failed, guest left running: {e}") from None
         finally:
             os.close(fd)
+        t_quit = time.monotonic()
         if not proc.wait_exit(10):
             proc.kill()
         os.rename(g.memory, into / "memory")
+        t1 = time.monotonic()
+        self.last_phases = {"qmp_s": t_qmp - t0, "state_s": t_state - t_qmp, "quit_s": t_quit - t_state,
+                            "exit_s": t1 - t_quit}
 
     def restore(self, g: GuestDir, cfg: VMConfig, image: Image, snap: Path) -> ProcRef:
+        t0 = time.monotonic()
         os.rename(snap / "memory", g.memory)
+        _uncache_if_shared(g.memory)
         fd = os.open(snap / "state", os.O_RDONLY | os.O_CLOEXEC)
         resumed = False
         try:
-            proc = self._spawn(g, self.argv(cfg, image, incoming=True))
+            proc = self._spawn(g, cfg, image, incoming=True)
+            t_spawn = time.monotonic()
             try:
                 with self._qmp(g, proc) as q:
+                    t_qmp = time.monotonic()
                     q.execute("migrate-set-capabilities",
                               {"capabilities": [{"capability": "x-ignore-shared", "state": True}]})
                     q.pass_fd(fd, "vmfork-state")
                     q.execute("migrate-incoming", {"uri": "fd:vmfork-state"})
                     q.wait_migration()
+                    t_load = time.monotonic()
                     resumed = True
                     q.execute("cont")
+                    t_cont = time.monotonic()
+                self.last_phases = {"spawn_s": t_spawn - t0, "qmp_s": t_qmp - t_spawn,
+                                    "load_s": t_load - t_qmp, "resume_s": t_cont - t_load}
             except HypervisorError as e:
                 raise self._fail(g, proc, "restore failed", e) from None
         except BaseException:
@@ -224,6 +267,33 @@ def _qemu_version(binary: str) -> str:
     first = out.stdout.splitlines()[0] if out.stdout else ""
     # "QEMU emulator version 7.2.22 (Debian ...)"
     return first.split("version", 1)[1].split()[0] if "version" in first else first
+
+
+def _uncache_if_shared(memory: Path) -> None:
+    """Drop the page cache of a mem-file that shares extents with another (a fork or a
+    forked source), so that the guest's first touches fill it with 4 KiB folios.
+
+    Without QEMU's huge-page advice the kernel faults guest RAM in as small folios, but a
+    page cache filled another way keeps its large folios: the boot-time faults on a fresh
+    sparse file, or anyone reading the file (a checksum, a backup). Writeback is per folio,
+    so a 4 KiB write by the guest into a 2 MiB folio copies 2 MiB on write (measured: a
+    fork generation cost 39 MiB instead of 2 MiB after its mem-file had been read). A fresh
+    fork's page cache is empty anyway; what this costs is a cold restore of a source that
+    has forks (its pages are read from disk again: 101 instead of 55 ms for a 256 MiB guest
+    here, docs/bench).
+    """
+    if not has_shared_extents(memory):
+        return
+    try:
+        fd = os.open(memory, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def vmm_record(g: GuestDir) -> ProcRef | None:

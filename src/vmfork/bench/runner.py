@@ -1,0 +1,535 @@
+"""The measurements. Each scenario appends records (see ``stats.record``) to ``Bench.records``.
+
+Every number comes from real VMs (QEMU, the accel vmfork picks) on real filesystems: an
+XFS with reflink and an ext4, both loop-mounted from sparse images the bench creates under
+its work dir (so statvfs deltas see nothing but the bench).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vmfork import util
+from vmfork.bench import probes
+from vmfork.bench.bare import bare_quit, bare_restore
+from vmfork.bench.stats import Record, median, ratio_record, record
+from vmfork.forkvm import clone_file
+from vmfork.hypervisor.base import VMConfig
+from vmfork.hypervisor.qemu import QemuHypervisor, vmm_record
+from vmfork.instances.manager import Manager
+from vmfork.layout import GuestDir
+
+MiB = 1 << 20
+
+#: The configurations compared for the copy-on-write lever (environment of the VMM spawn and
+#: of the data dir's creation). "vmfork" is what vmfork does; "qemu-default" is QEMU's
+#: huge-page advice on guest RAM and the filesystem's default CoW extent size (as before).
+CONFIGS: dict[str, dict[str, str]] = {
+    "vmfork": {"VMFORK_QEMU_THP": "0", "VMFORK_COWEXTSIZE": "4096"},
+    "qemu-default": {"VMFORK_QEMU_THP": "1", "VMFORK_COWEXTSIZE": "0"},
+    "no-thp-only": {"VMFORK_QEMU_THP": "0", "VMFORK_COWEXTSIZE": "0"},
+    "cowext-only": {"VMFORK_QEMU_THP": "1", "VMFORK_COWEXTSIZE": "4096"},
+}
+
+
+@dataclass
+class Plan:
+    mode: str
+    runs: int  # repetitions of each timing
+    breakdown_runs: int  # fork breakdown and CLI overhead (cheap, noisy: more runs)
+    sizes: list[int]  # guest MiB, fork vs guest memory
+    fanout: list[int]
+    fanout_runs: int
+    standby_runs: int  # fresh boots for the standby scenario
+    lifecycle_runs: int
+    configs: list[str]  # lever comparison on XFS
+    running_forks: int  # memory per running fork
+    timing_configs: list[str] = field(default_factory=lambda: ["vmfork", "qemu-default"])  # breakdown, standby
+    base_mib: int = 256
+    fill: float = 0.45
+    dirty: list[int] = field(default_factory=lambda: [1, 64])
+    loop_mib: int = 12288
+
+    @classmethod
+    def for_mode(cls, mode: str) -> Plan:
+        if mode == "full":
+            return cls(mode, runs=5, breakdown_runs=11, sizes=[128, 512, 2048], fanout=[1, 4, 16],
+                       fanout_runs=2, standby_runs=3, lifecycle_runs=4, configs=list(CONFIGS), running_forks=8)
+        if mode == "quick":
+            return cls(mode, runs=3, breakdown_runs=5, sizes=[128, 512], fanout=[1, 4], fanout_runs=1,
+                       standby_runs=1, lifecycle_runs=3, configs=["vmfork", "qemu-default"], running_forks=4, loop_mib=6144)
+        if mode == "smoke":
+            return cls(mode, runs=2, breakdown_runs=2, sizes=[128], fanout=[1, 2], fanout_runs=1, standby_runs=1,
+                       lifecycle_runs=1, configs=["vmfork", "qemu-default"], running_forks=2,
+                       base_mib=128, dirty=[1, 8], loop_mib=4096, timing_configs=["vmfork"])
+        raise ValueError(f"unknown mode {mode!r}")
+
+
+@contextlib.contextmanager
+def env(values: dict[str, str]) -> Iterator[None]:
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def ms(seconds: float) -> float:
+    return seconds * 1000.0
+
+
+class Bench:
+    def __init__(self, plan: Plan, work: Path, say: Callable[[str], None]) -> None:
+        self.plan = plan
+        self.work = work
+        self.say = say
+        self.records: list[Record] = []
+        self.skipped: list[str] = []
+        self.host: dict[str, Any] = {}
+        self.mounts: dict[str, Path] = {}
+        self.managers: dict[tuple[str, str], Manager] = {}
+        self.boots: dict[tuple[str, int], list[float]] = {}
+
+    # --- plumbing -----------------------------------------------------------------------------
+    def add(self, metric: str, samples: list[float], unit: str, **params: Any) -> Record:
+        r = record(metric, samples, unit, params, host=self.host)
+        self.records.append(r)
+        return r
+
+    def ratio(self, metric: str, num: Record, den: Record, *, scale: float = 1.0, **params: Any) -> Record:
+        r = ratio_record(metric, num, den, params, scale=scale, host=self.host)
+        self.records.append(r)
+        return r
+
+    def skip(self, what: str, why: str) -> None:
+        self.skipped.append(f"{what}: {why}")
+        self.say(f"SKIPPED {what}: {why}")
+
+    def manager(self, fs: str, config: str = "vmfork") -> Manager:
+        key = (fs, config)
+        if key not in self.managers:
+            root = self.mounts[fs] / f"data-{config}"
+            with env(CONFIGS[config]):
+                self.managers[key] = Manager(root)
+        return self.managers[key]
+
+    @contextlib.contextmanager
+    def config(self, config: str) -> Iterator[None]:
+        with env(CONFIGS[config]):
+            yield
+
+    def cli_env(self) -> dict[str, str]:
+        """The environment of ``vmfork`` commands: as a user's, with Python's bytecode cache on
+        (kept under the work dir, so nothing is written next to the sources)."""
+        e = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+        e["PYTHONPYCACHEPREFIX"] = str(self.work / "pycache")
+        return e
+
+    def cli(self, m: Manager, *args: str) -> subprocess.Popen[bytes]:
+        return subprocess.Popen([sys.executable, "-m", "vmfork.cli", "--data-dir", str(m.dd.root), "-q", *args],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self.cli_env())
+
+    def boot(self, m: Manager, name: str, mib: int) -> None:
+        t0 = time.monotonic()
+        inst = m.run(name, memory_mib=mib)
+        dt = time.monotonic() - t0
+        if not self.host.get("accel"):
+            self.host["accel"] = inst.accel
+        config = m.dd.root.name.removeprefix("data-")
+        self.boots.setdefault((config, mib), []).append(ms(dt))
+        self.say(f"  booted {name} ({mib} MiB, {inst.accel}) in {dt:.1f}s")
+
+    def sh(self, m: Manager, name: str, script: str, timeout: float = 600) -> str:
+        r = m.exec(name, ["sh", "-c", script], timeout=timeout)
+        if r.exit_code != 0:
+            raise RuntimeError(f"{name}: `{script}` exited {r.exit_code}: {r.stderr.decode(errors='replace')}")
+        return r.stdout.decode(errors="replace")
+
+    def write_in_guest(self, m: Manager, name: str, mib: int, tag: str) -> None:
+        """Have the guest write ``mib`` MiB of fresh pages: a file in a tmpfs of that size.
+
+        Random bytes, not zeros: ``cp`` turns runs of zeros into holes, which would make the
+        plain copy it is compared with unrealistically cheap (~60 MB/s under TCG)."""
+        d = f"/tmp/{tag}"
+        self.sh(m, name, f"mkdir -p {d} && mount -t tmpfs -o size={mib + 4}m {tag} {d} && "
+                         f"dd if=/dev/urandom of={d}/f bs=1M count={mib} 2>/dev/null && sync")
+
+    @staticmethod
+    def used_settled(mnt: Path) -> int:
+        """Bytes in use once the filesystem has finished freeing what was just removed (XFS
+        frees removed inodes' blocks in the background): two equal readings in a row."""
+        last = probes.used_bytes(mnt)
+        for _ in range(20):
+            time.sleep(0.1)
+            now = probes.used_bytes(mnt)
+            if now == last:
+                return now
+            last = now
+        return last
+
+    def source(self, fs: str, config: str = "vmfork") -> Manager:
+        """The manager of ``fs``/``config`` with a ``base`` guest in standby in it."""
+        m = self.manager(fs, config)
+        if not any(i.name == "base" for i in m.instances()):
+            with self.config(config):
+                self.say(f"[setup] {fs}/{config}: base source")
+                self.boot(m, "base", self.plan.base_mib)
+                m.standby("base")
+        return m
+
+    def rm_all(self, m: Manager, prefix: str) -> None:
+        for inst in m.instances():
+            if inst.name.startswith(prefix):
+                m.rm(inst.name, force=True)
+
+    def cleanup(self) -> None:
+        """Stop every VMM the bench started (whatever state it was left in)."""
+        for fs in list(self.mounts):
+            mnt = self.mounts[fs]
+            for data in mnt.glob("data-*"):
+                guests = data / "guests"
+                for g in guests.iterdir() if guests.exists() else []:
+                    ref = vmm_record(GuestDir(g))
+                    if ref is not None:
+                        ref.kill(timeout=2)
+
+    # --- scenarios ----------------------------------------------------------------------------
+    def fork_breakdown(self, config: str = "vmfork") -> None:
+        """Fork (standby source → running fork, agent answering), phase by phase, against a
+        bare restore of the same snapshot with QEMU's own command line."""
+        fs = "xfs" if "xfs" in self.mounts else next(iter(self.mounts))
+        m = self.source(fs, config)
+        mnt = self.mounts[fs]
+        with self.config(config):
+            self._fork_breakdown(m, fs, mnt, config)
+
+    def _fork_breakdown(self, m: Manager, fs: str, mnt: Path, config: str) -> None:
+        src = m.find("base")
+        snap = src.g.snapshot_latest
+        cfg = VMConfig.from_json({k: v for k, v in util.read_json(snap / "config.json").items() if k != "taken_at"})
+        image = m.image(cfg.image_digest)
+        hv = QemuHypervisor()
+        phases: dict[str, list[float]] = {}
+        host, total, bare, bare_qmp, bare_load = [], [], [], [], []
+        self.say(f"[1] fork breakdown on {fs}/{config} ({self.plan.breakdown_runs} runs)")
+        for i in range(self.plan.breakdown_runs):
+            _, t = m.fork("base", f"bd-{i}", target_state="running")
+            fr = t.get("fork_restore", {})
+            for k in ("lookup_s", "clone_s", "metadata_s", "sync_s"):
+                if k in t:
+                    phases.setdefault(k, []).append(ms(t[k]))
+            for k in ("prep_s", "spawn_s", "qmp_s", "load_s", "resume_s", "agent_ping_s", "agent_setup_s"):
+                if k in fr:
+                    phases.setdefault(f"restore_{k}", []).append(ms(fr[k]))
+            host.append(ms(t["total_s"] - fr["agent_s"]))
+            total.append(ms(t["total_s"]))
+            m.rm(f"bd-{i}", force=True)
+            # the floor: the same snapshot, QEMU's command line, a raw QMP socket
+            b = mnt / f"bare-{i}"
+            (b / "run").mkdir(parents=True)
+            (b / "logs").mkdir()
+            clone_file(snap / "memory", b / "memory")
+            clone_file(src.g.disk, b / "disk.raw")
+            os.sync()
+            cfg.extra["id"] = f"bare{i}"
+            r, p = bare_restore(hv.argv(cfg, image, incoming=True), b, snap / "state")
+            bare.append(ms(r.total_s))
+            bare_qmp.append(ms(r.spawn_to_qmp_s))
+            bare_load.append(ms(r.load_s))
+            bare_quit(p, b)
+            shutil.rmtree(b)
+        names = {"lookup_s": "lookup+lock", "clone_s": "clone", "metadata_s": "metadata", "sync_s": "fsync",
+                 "restore_prep_s": "restore prep", "restore_spawn_s": "VMM spawn",
+                 "restore_qmp_s": "QMP handshake", "restore_load_s": "state load", "restore_resume_s": "resume",
+                 "restore_agent_ping_s": "agent ready", "restore_agent_setup_s": "clock+hostname"}
+        prm = {"fs": fs, "config": config, "guest_mib": self.plan.base_mib}
+        for k, v in phases.items():
+            self.add("fork_phase_ms", v, "ms", **prm, phase=names.get(k, k))
+        ours = self.add("fork_host_ms", host, "ms", **prm)
+        self.add("fork_running_ms", total, "ms", **prm)
+        floor = self.add("bare_restore_ms", bare, "ms", **prm)
+        self.add("bare_restore_phase_ms", bare_qmp, "ms", **prm, phase="spawn to QMP greeting")
+        self.add("bare_restore_phase_ms", bare_load, "ms", **prm, phase="load+resume")
+        self.ratio("fork_host_over_bare_restore", ours, floor, fs=fs, config=config)
+
+    def cli_overhead(self) -> None:
+        """``vmfork fork`` as a command against the same call in-process (fork to standby)."""
+        fs = "xfs" if "xfs" in self.mounts else next(iter(self.mounts))
+        m = self.source(fs)
+        self.say(f"[1b] CLI overhead ({self.plan.breakdown_runs} runs)")
+        cli, inproc, py, cli_version = [], [], [], []
+        # warm up: Python's bytecode cache of vmfork, page cache of the interpreter
+        subprocess.run([sys.executable, "-m", "vmfork.cli", "--version"], check=True, capture_output=True,
+                       env=self.cli_env())
+        p = self.cli(m, "fork", "base", "cli-warmup")
+        p.communicate(timeout=120)
+        self.rm_all(m, "cli-")
+        for i in range(self.plan.breakdown_runs):
+            t0 = time.monotonic()
+            p = self.cli(m, "fork", "base", f"cli-{i}")
+            _, err = p.communicate(timeout=120)
+            cli.append(ms(time.monotonic() - t0))
+            if p.returncode != 0:
+                raise RuntimeError(f"vmfork fork failed: {err.decode(errors='replace')}")
+            t0 = time.monotonic()
+            m.fork("base", f"inp-{i}")
+            inproc.append(ms(time.monotonic() - t0))
+            self.rm_all(m, "cli-")
+            self.rm_all(m, "inp-")
+            t0 = time.monotonic()
+            subprocess.run([sys.executable, "-c", "pass"], check=True, env=self.cli_env())
+            py.append(ms(time.monotonic() - t0))
+            t0 = time.monotonic()
+            subprocess.run([sys.executable, "-m", "vmfork.cli", "--version"], check=True, capture_output=True,
+                           env=self.cli_env())
+            cli_version.append(ms(time.monotonic() - t0))
+        a = self.add("cli_fork_standby_ms", cli, "ms", fs=fs, how="vmfork fork (new process)")
+        b = self.add("inprocess_fork_standby_ms", inproc, "ms", fs=fs, how="Manager.fork in-process")
+        self.add("cli_overhead_ms", [x - y for x, y in zip(cli, inproc, strict=True)], "ms", fs=fs)
+        self.add("python_startup_ms", py, "ms", how="python -c pass")
+        self.add("cli_startup_ms", cli_version, "ms", how="vmfork --version")
+        self.ratio("cli_over_inprocess_fork", a, b, fs=fs)
+
+    def fork_vs_memory(self) -> None:
+        """Fork to standby of guests with ~45 % of RAM written, against ``cp`` of the mem-file."""
+        forks: dict[str, list[Record]] = {}
+        for fs in self.mounts:
+            m = self.manager(fs)
+            mnt = self.mounts[fs]
+            for mib in self.plan.sizes:
+                name = f"mem-{mib}"
+                self.boot(m, name, mib)
+                # ~45 % of RAM, but no more than the guest can hold (a 128 MiB guest has ~60 MiB free)
+                avail = int(self.sh(m, name, "awk '/MemAvailable/ {print int($2/1024)}' /proc/meminfo"))
+                fill = min(int(mib * self.plan.fill), avail - 16)
+                self.say(f"[2] {fs}: {mib} MiB guest, writing {fill} MiB in it")
+                self.write_in_guest(m, name, fill, "fill")
+                m.standby(name)
+                memf = m.find(name).g.snapshot_latest / "memory"
+                ext = probes.extents(memf)
+                self.add("memfile_data_mib", [ext.bytes / MiB], "MiB", fs=fs, guest_mib=mib, written_mib=fill)
+                self.add("memfile_extents", [ext.count], "count", fs=fs, guest_mib=mib)
+                fork_t, cp_t, cp_sync_t = [], [], []
+                for i in range(self.plan.runs):
+                    os.sync()
+                    t0 = time.monotonic()
+                    m.fork(name, f"{name}-f{i}")
+                    fork_t.append(ms(time.monotonic() - t0))
+                    m.rm(f"{name}-f{i}", force=True)
+                    os.sync()
+                    dst = mnt / "cp-memory"
+                    t0 = time.monotonic()
+                    subprocess.run(["cp", "--reflink=never", str(memf), str(dst)], check=True)
+                    cp_t.append(ms(time.monotonic() - t0))
+                    util.fsync_file(dst)
+                    cp_sync_t.append(ms(time.monotonic() - t0))
+                    dst.unlink()
+                m.rm(name, force=True)
+                f = self.add("fork_standby_ms", fork_t, "ms", fs=fs, guest_mib=mib)
+                c = self.add("copy_memfile_ms", cp_t, "ms", fs=fs, guest_mib=mib, tool="cp --reflink=never")
+                self.add("copy_memfile_ms", cp_sync_t, "ms", fs=fs, guest_mib=mib, tool="cp --reflink=never + fsync")
+                self.ratio("fork_over_copy", f, c, fs=fs, guest_mib=mib)
+                forks.setdefault(fs, []).append(f)
+        for fs, recs in forks.items():
+            if len(recs) > 1:
+                self.ratio("fork_growth_largest_over_smallest", recs[-1], recs[0], fs=fs,
+                           guest_mib=f"{self.plan.sizes[-1]}/{self.plan.sizes[0]}")
+
+    def standby_cost(self) -> None:
+        """First standby after boot, then restore, dirty D MiB, standby again."""
+        fs = "xfs" if "xfs" in self.mounts else next(iter(self.mounts))
+        for config in self.plan.timing_configs:
+            m = self.manager(fs, config)
+            first: list[float] = []
+            again: dict[int, list[float]] = {d: [] for d in self.plan.dirty}
+            dirty: dict[str, list[float]] = {}
+            restore: dict[str, list[float]] = {"not forked": [], "forked": []}
+            with self.config(config):
+                for r in range(self.plan.standby_runs):
+                    name = f"sb-{r}"
+                    self.say(f"[3] {fs}/{config}: standby after boot, then after dirtying {self.plan.dirty} MiB")
+                    self.boot(m, name, self.plan.base_mib)
+                    first.append(self._standby_measured(m, name, dirty, "boot"))
+                    for d in self.plan.dirty:
+                        restore["not forked"].append(ms(m.restore(name)["total_s"]))
+                        self.write_in_guest(m, name, d, f"dirty{d}")
+                        again[d].append(self._standby_measured(m, name, dirty, f"{d} MiB"))
+                    # a source with forks shares its RAM file's extents: vmfork restores it cold
+                    m.fork(name, f"{name}-fork")
+                    restore["forked"].append(ms(m.restore(name)["total_s"]))
+                    m.rm(name, force=True)
+                    m.rm(f"{name}-fork", force=True)
+            for label, v in restore.items():
+                self.add("restore_ms", v, "ms", fs=fs, config=config, guest_mib=self.plan.base_mib, source=label)
+            f = self.add("standby_ms", first, "ms", fs=fs, config=config, guest_mib=self.plan.base_mib, dirtied="boot")
+            for d, v in again.items():
+                s = self.add("standby_ms", v, "ms", fs=fs, config=config, guest_mib=self.plan.base_mib, dirtied=f"{d} MiB")
+                self.ratio("standby_again_over_first", s, f, fs=fs, config=config, dirtied=f"{d} MiB")
+            for label, v in dirty.items():
+                self.add("standby_memfile_dirty_mib", v, "MiB", fs=fs, config=config, dirtied=label)
+
+    @staticmethod
+    def _standby_measured(m: Manager, name: str, dirty: dict[str, list[float]], label: str) -> float:
+        """Standby ``name``; note how much of its mem-file was dirty in the page cache just before."""
+        d = probes.dirty_bytes(m.find(name).g.memory)
+        if d is not None:
+            dirty.setdefault(label, []).append(d / MiB)
+        return ms(m.standby(name)["total_s"])
+
+    def fanout(self) -> None:
+        """N forks of one snapshot started together (N ``vmfork fork`` processes)."""
+        fs = "xfs" if "xfs" in self.mounts else next(iter(self.mounts))
+        m = self.source(fs)
+        for target in ("standby", "running"):
+            single: Record | None = None
+            for n in self.plan.fanout:
+                walls = []
+                for r in range(self.plan.fanout_runs):
+                    self.say(f"[4] fan-out: {n} forks to {target} at once")
+                    os.sync()
+                    t0 = time.monotonic()
+                    procs = [self.cli(m, "fork", "base", f"fo-{k}", "--target-state", target) for k in range(n)]
+                    errs = [p.communicate(timeout=300)[1] for p in procs]
+                    walls.append(ms(time.monotonic() - t0))
+                    bad = [e.decode(errors="replace") for p, e in zip(procs, errs, strict=True) if p.returncode]
+                    if bad:
+                        raise RuntimeError(f"fan-out fork failed: {bad[0]}")
+                    if target == "running" and n == max(self.plan.fanout) and r == 0:
+                        self._vmm_memory(m, [f"fo-{k}" for k in range(n)], "fanout_vmm", n=n, config="vmfork")
+                    self.rm_all(m, "fo-")
+                w = self.add("fanout_wall_ms", walls, "ms", fs=fs, target=target, n=n)
+                if n == 1:
+                    single = w
+                elif single is not None:
+                    self.ratio("fanout_wall_over_n_single", w, single, scale=float(n), fs=fs, target=target, n=n)
+
+    def _vmm_memory(self, m: Manager, names: list[str], metric: str, **params: Any) -> None:
+        time.sleep(1.0)
+        rows = []
+        for name in names:
+            pid = m.describe(m.find(name))["pid"]
+            if pid:
+                rows.append(probes.smaps_rollup(int(pid)))
+        if not rows:
+            return
+        for key, label in (("Rss", "rss"), ("Pss", "pss"), ("Pss_Anon", "pss_anon"), ("Pss_File", "pss_file"),
+                           ("Pss_Shmem", "pss_shmem")):
+            self.add(f"{metric}_{label}_mib", [r.get(key, 0) / MiB for r in rows], "MiB", **params)
+
+    def disk_per_fork(self) -> None:
+        """What a fork's lifecycle (fork, restore, a little work, standby) adds on disk, over a
+        chain of generations (each fork is forked from the previous one)."""
+        cases = [("xfs", c) for c in self.plan.configs] if "xfs" in self.mounts else []
+        cases += [("ext4", "vmfork")] if "ext4" in self.mounts else []
+        gens = self.plan.lifecycle_runs
+        for fs, config in cases:
+            m = self.source(fs, config)
+            mnt = self.mounts[fs]
+            with self.config(config):
+                delta: list[float] = []
+                clone: list[float] = []
+                files: dict[str, dict[str, list[float]]] = {}
+                prev = "base"
+                for r in range(1, gens + 1):
+                    self.say(f"[5] {fs}/{config}: fork generation {r}/{gens}")
+                    name = f"lc-{r}"
+                    u0 = self.used_settled(mnt)
+                    _, t = m.fork(prev, name)
+                    clone.append(ms(t["clone_s"]))
+                    m.restore(name)
+                    self.sh(m, name, f"echo generation {r} > /run/lc && sync")
+                    m.standby(name)
+                    delta.append((self.used_settled(mnt) - u0) / MiB)
+                    g = m.find(name).g
+                    for label, path in (("memory", g.snapshot_latest / "memory"), ("disk.raw", g.disk),
+                                        ("state", g.snapshot_latest / "state")):
+                        d = files.setdefault(label, {"allocated": [], "exclusive": [], "extents": []})
+                        d["allocated"].append(probes.allocated_bytes(path) / MiB)
+                        try:
+                            ext = probes.extents(path)
+                            d["exclusive"].append(ext.exclusive_bytes / MiB)
+                            d["extents"].append(ext.count)
+                        except OSError:
+                            pass
+                    prev = name
+                self.rm_all(m, "lc-")
+                p = {"fs": fs, "config": config, "guest_mib": self.plan.base_mib}
+                self.add("fork_lifecycle_disk_mib", delta, "MiB", **p, generations=gens)
+                self.add("fork_chain_clone_ms", clone[:1], "ms", **p, generation=1)
+                if gens > 1:
+                    self.add("fork_chain_clone_ms", clone[-1:], "ms", **p, generation=gens)
+                for label, d in files.items():
+                    self.add("fork_file_allocated_mib", d["allocated"], "MiB", fs=fs, config=config, file=label)
+                    if d["exclusive"]:
+                        self.add("fork_file_exclusive_mib", d["exclusive"], "MiB", fs=fs, config=config, file=label)
+                        self.add("fork_file_extents", d["extents"][-1:], "count", fs=fs, config=config,
+                                 file=label, generation=gens)
+                if fs == "xfs" and config in ("vmfork", "qemu-default"):
+                    self._running_memory(m, config)
+
+    def _running_memory(self, m: Manager, config: str) -> None:
+        """RSS/PSS of the VMMs of N forks running side by side."""
+        k = self.plan.running_forks
+        self.say(f"[6] {config}: memory of {k} running forks")
+        names = [f"rm-{i}" for i in range(k)]
+        for name in names:
+            m.fork("base", name, target_state="running")
+        self._vmm_memory(m, names, "vmm", n=k, config=config)
+        self.rm_all(m, "rm-")
+
+    # --- whole run ----------------------------------------------------------------------------
+    def run(self) -> None:
+        self.host = probes.host_facts(QemuHypervisor().version())
+        self.host["load_at_start"] = round(probes.loadavg(), 2)
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(env(CONFIGS["vmfork"]))
+            for fs in ("xfs", "ext4"):
+                problem = probes.loop_fs_problem(fs)
+                if problem:
+                    self.skip(f"{fs} measurements", problem)
+                    continue
+                try:
+                    self.mounts[fs] = stack.enter_context(probes.loop_fs(fs, self.plan.loop_mib, self.work))
+                except (OSError, subprocess.CalledProcessError) as e:
+                    self.skip(f"{fs} measurements", f"cannot create a loop-mounted {fs}: {e}")
+            if not self.mounts:
+                raise RuntimeError("no filesystem to measure on: " + "; ".join(self.skipped))
+            stack.callback(self.cleanup)
+            for config in self.plan.timing_configs:
+                self.fork_breakdown(config)
+            self.cli_overhead()
+            self.fork_vs_memory()
+            self.standby_cost()
+            self.fanout()
+            self.disk_per_fork()
+        for (config, mib), v in sorted(self.boots.items()):
+            self.add("boot_ms", v, "ms", config=config, guest_mib=mib)
+        self.host["load_at_end"] = round(probes.loadavg(), 2)
+        for r in self.records:
+            r["host"] = dict(self.host)
+
+
+def medians_by(records: list[Record], metric: str, key: str, **params: Any) -> dict[Any, float]:
+    """{params[key]: value} of the records of ``metric`` matching ``params``."""
+    out = {}
+    for r in records:
+        if r["metric"] == metric and all(r["params"].get(k) == v for k, v in params.items()):
+            out[r["params"][key]] = float(r["value"])
+    return out
+
+
+__all__ = ["CONFIGS", "Bench", "Plan", "median", "medians_by"]
