@@ -9,12 +9,15 @@ PKGS=(qemu-system-x86 qemu-utils busybox-static xfsprogs btrfs-progs e2fsprogs c
 
 missing=()
 for p in "${PKGS[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  status=$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)
+  [ "$status" = "install ok installed" ] || missing+=("$p")
 done
 # The guest kernel is taken from Debian's linux-image-cloud-amd64 (downloaded, not installed):
 # apt's package lists must know it.
+# (captured first: with pipefail, grep -q closing the pipe early would fail the check)
 need_lists=0
-apt-cache policy linux-image-cloud-amd64 2>/dev/null | grep -q 'Candidate: [0-9]' || need_lists=1
+policy=$(apt-cache policy linux-image-cloud-amd64 2>/dev/null || true)
+[[ "$policy" =~ Candidate:\ [0-9] ]] || need_lists=1
 
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then
