@@ -158,6 +158,15 @@ def test_sync_set_time_poweroff(agent: Path) -> None:
         AgentClient.connect_unix(agent, timeout=1.0)
 
 
+def test_set_hostname_validates_and_acknowledges(agent: Path) -> None:
+    with connect(agent) as c:
+        c.set_hostname("fork-7")  # test mode: acknowledged, hostname untouched
+        for bad in ("", "x" * 65, "a\0b"):
+            with pytest.raises(AgentError, match="set-hostname"):
+                c.set_hostname(bad)
+        assert c.exec(["echo", "still here"]).stdout == b"still here\n"
+
+
 def test_wait_ready(agent: Path, tmp_path: Path) -> None:
     c = wait_ready(lambda: AgentClient.connect_unix(agent, timeout=1.0), 5.0)
     c.close()

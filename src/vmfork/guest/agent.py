@@ -287,6 +287,10 @@ class AgentClient:
             "set-time",
         )
 
+    def set_hostname(self, name: str, timeout: float = 5.0) -> None:
+        """sethostname(2) in the guest agent itself (no process is started)."""
+        self._request(proto.SET_HOSTNAME, name.encode(), proto.HOSTNAME_SET, timeout, "set-hostname")
+
     def sync(self, timeout: float = 60.0) -> None:
         """sync(2) in the guest: everything written so far reaches the disks."""
         self._request(proto.SYNC, b"", proto.SYNCED, timeout, "sync")

@@ -343,9 +343,7 @@ class Manager:
                              + (f" (console: {console})" if console else "")) from None
 
     def _apply_identity(self, inst: Instance, agent: AgentClient) -> None:
-        r = agent.exec(["hostname", inst.name], timeout=10)
-        if r.exit_code != 0:
-            raise AgentError(f"setting the hostname failed: {r.stderr.decode(errors='replace').strip()}")
+        agent.set_hostname(inst.name)
         inst.identity_applied = True
         util.atomic_write_json(inst.g.metadata, inst.to_json())
 

@@ -15,6 +15,7 @@
  *                   then one 'X': i32 exit_code | u8 timed_out | u8 signaled | i32 signal
  *   T set clock     i64 seconds | u32 nanoseconds -> 't'
  *   S sync          -> 's'
+ *   H set hostname  the name's bytes (1..64, no NUL) -> 'h'  (sethostname(2), no process)
  *   Q power off     sync, reply 'q', then reboot(RB_POWER_OFF)
  *   anything else / malformed -> 'Z' with a UTF-8 message; the connection goes on.
  *
@@ -677,6 +678,16 @@ static void dispatch(unsigned char type, uint32_t req_id, const unsigned char *p
     case 'S':
         sync();
         send_frame('s', req_id, NULL, 0);
+        break;
+    case 'H':
+        if (len == 0 || len > 64 || memchr(p, 0, len) != NULL)
+            send_error(req_id, "set-hostname: the name must be 1 to 64 bytes without NUL, got %zu", len);
+        else if (test_mode)
+            send_frame('h', req_id, NULL, 0);
+        else if (sethostname((const char *)p, len) < 0)
+            send_error(req_id, "set-hostname: %s", strerror(errno));
+        else
+            send_frame('h', req_id, NULL, 0);
         break;
     case 'Q':
         do_poweroff(req_id);
