@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import os
 import random
 import re
@@ -29,6 +28,8 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+
+from vmfork.util import sha256_file as sha256_file  # re-exported for the tests
 
 KINDS = ("xfs", "btrfs", "ext4")
 
@@ -198,14 +199,6 @@ def random_data_ranges(
                 ranges.append((pos, pos + n))
         pos += n
     return ranges
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(4 * MiB):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def free_bytes(path: Path) -> int:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from vmfork.errors import NotFound, VmforkError
+from vmfork.util import sha256_file
 
 SRC, FORK = "demo", "demo-fork"
 
@@ -18,14 +17,6 @@ def _sh(mgr: Any, name: str, script: str) -> str:
     if r.exit_code != 0:
         raise VmforkError(f"demo: '{script}' failed in {name}: {r.stderr.decode(errors='replace').strip()}")
     return str(r.stdout.decode(errors="replace").strip())
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def run_demo(mgr: Any, memory_mib: int, *, keep: bool, say: Callable[..., None]) -> None:
@@ -52,7 +43,7 @@ def run_demo(mgr: Any, memory_mib: int, *, keep: bool, say: Callable[..., None])
         mgr, SRC, "echo born-before-fork > /run/sentinel && echo born-before-fork > /root/sentinel && sync"))
     step("standby", f"standby '{SRC}' (memory + device state to files, VMM stopped)", lambda: mgr.standby(SRC))
     src_mem = inst.dir / "snapshots" / "snapshot-latest" / "memory"
-    digest = _sha256(src_mem)
+    digest = sha256_file(src_mem)
     fork, t = step("fork", f"fork '{SRC}' -> '{FORK}'", lambda: mgr.fork(SRC, FORK))
     fork_mem = fork.dir / "snapshots" / "snapshot-latest" / "memory"
     say(f"  guest dir cloned in {t['clone_s'] * 1000:.1f} ms ({t['clone_method']}); mem-file inode "
@@ -61,7 +52,7 @@ def run_demo(mgr: Any, memory_mib: int, *, keep: bool, say: Callable[..., None])
     step("diverge", "the fork writes its own state and saves its own snapshot", lambda: (
         _sh(mgr, FORK, "echo i-am-the-fork > /run/who && echo i-am-the-fork > /root/who && sync"),
         mgr.standby(FORK), mgr.restore(FORK)))
-    same = _sha256(src_mem) == digest
+    same = sha256_file(src_mem) == digest
     say(f"  source snapshot after all that: {'byte-identical (sha256 ' + digest[:12] + '…)' if same else 'CHANGED'}")
     if not same:
         raise VmforkError("demo: the source's snapshot changed while the fork ran")

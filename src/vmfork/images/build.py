@@ -21,6 +21,7 @@ from vmfork.images import kernel as kern
 from vmfork.images.cpio import CpioArchive
 from vmfork.images.tools import run_tool
 from vmfork.paths import cache_dir
+from vmfork.util import sha256_file
 
 # Bump when the recipe (this file's logic) changes in a way that changes the output.
 RECIPE_VERSION = 2
@@ -151,7 +152,7 @@ def local_inputs() -> LocalInputs:
         if not path.is_file():
             raise ImageError(f"guest file {path} is missing from the vmfork package")
         guest[name] = sha256_bytes(path.read_bytes())
-    return LocalInputs(busybox_version(), kern.sha256_file(BUSYBOX), guest)
+    return LocalInputs(busybox_version(), sha256_file(BUSYBOX), guest)
 
 
 def resolve_inputs() -> Inputs:

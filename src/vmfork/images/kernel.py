@@ -20,6 +20,7 @@ from pathlib import Path
 
 from vmfork.errors import ExternalToolError, ImageError
 from vmfork.images.tools import run_tool
+from vmfork.util import sha256_file
 
 METAPACKAGE = "linux-image-cloud-amd64"
 
@@ -110,14 +111,6 @@ def resolve_kernel_package_cached(cache_file: Path, metapackage: str = METAPACKA
             }))
             os.replace(tmp, cache_file)
     return pkg
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def download_deb(pkg: KernelPackage, debs_dir: Path) -> Path:
