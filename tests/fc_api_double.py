@@ -501,6 +501,10 @@ class FakeFirecracker:
             return bytes(proto.encode_frame(proto.TIME_SET, fr.req_id))
         if fr.type == proto.SYNC:
             return bytes(proto.encode_frame(proto.SYNCED, fr.req_id))
+        if fr.type == proto.SET_HOSTNAME:
+            self.hostname = bytes(fr.payload).decode()
+            _record({"kind": "event", "event": "set-hostname", "name": self.hostname})
+            return bytes(proto.encode_frame(proto.HOSTNAME_SET, fr.req_id))
         if fr.type == proto.POWEROFF:
             return bytes(proto.encode_frame(proto.POWERING_OFF, fr.req_id))
         if fr.type == proto.EXEC:
