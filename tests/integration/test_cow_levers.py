@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CLI, kill_all_vmms, vm_unavailable_reason
+from tests.conftest import CLI, data_dir_on
 from tests.fsutil import loop_fs, skip_unless_loop_fs
 from vmfork.forkvm import clone_file, clone_tree
 from vmfork.forkvm.copier import (
@@ -96,17 +96,8 @@ def _ram_vmflags(pid: int, gdir: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def xfs_cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CLI]:
-    reason = vm_unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    skip_unless_loop_fs("xfs")
-    with loop_fs("xfs", 3000, tmp_path_factory.mktemp("levers")) as mnt:
-        cli = CLI(mnt / "data")
-        try:
-            cli("image", "build")
-            yield cli
-        finally:
-            kill_all_vmms(cli.data_dir)
+    with data_dir_on("xfs", tmp_path_factory.mktemp("levers"), size_mb=3000) as cli:
+        yield cli
 
 
 @pytest.mark.vm

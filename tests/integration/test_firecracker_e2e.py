@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CLI, kill_all_vmms
-from tests.fsutil import loop_fs, loop_fs_unavailable_reason
+from tests.conftest import CLI, data_dir_on
 from tests.integration.test_fork_isolation import ten_steps
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
@@ -55,30 +54,11 @@ def fc_cli(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     if reason:
         pytest.skip(reason)
     kind = request.param
-    if kind == "ext4":
-        cli = CLI(tmp_path_factory.mktemp("fc-ext4") / "data")
-        try:
-            yield from _ready(cli)
-        finally:
-            kill_all_vmms(cli.data_dir)
-        return
-    reason = loop_fs_unavailable_reason(kind)
-    if reason:
-        pytest.skip(f"{kind} loop filesystem unavailable: {reason}")
-    with loop_fs(kind, 12000, tmp_path_factory.mktemp(f"fc-{kind}")) as mnt:
-        cli = CLI(mnt / "data")
-        try:
-            yield from _ready(cli)
-        finally:
-            kill_all_vmms(cli.data_dir)
-
-
-def _ready(cli: CLI) -> Iterator[CLI]:
-    cli("image", "build")
-    reason = kvm_unusable_reason(cli)
-    if reason:
-        pytest.skip(reason)
-    yield cli
+    with data_dir_on(kind, tmp_path_factory.mktemp(f"fc-{kind}")) as cli:
+        reason = kvm_unusable_reason(cli)
+        if reason:
+            pytest.skip(reason)
+        yield cli
 
 
 def snapshot_config(cli: CLI, name: str) -> dict[str, object]:

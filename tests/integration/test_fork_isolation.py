@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CLI, kill_all_vmms, vm_unavailable_reason
+from tests.conftest import CLI, data_dir_on, kill_all_vmms, vm_unavailable_reason
 from tests.fsutil import loop_fs, loop_fs_unavailable_reason
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
@@ -80,39 +80,18 @@ def used_bytes(path: Path) -> int:
     return (st.f_blocks - st.f_bfree) * st.f_frsize
 
 
-def _fs_cli(kind: str, factory: pytest.TempPathFactory) -> Iterator[CLI]:
-    reason = vm_unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    if kind == "ext4":
-        base = factory.mktemp(f"fork-{kind}")
-        cli = CLI(base / "data")
-        cli("image", "build")
-        yield cli
-        kill_all_vmms(cli.data_dir)
-        return
-    reason = loop_fs_unavailable_reason(kind)
-    if reason:
-        pytest.skip(f"{kind} loop filesystem unavailable: {reason}")
-    with loop_fs(kind, 12000, factory.mktemp(f"fork-{kind}")) as mnt:
-        cli = CLI(mnt / "data")
-        try:
-            cli("image", "build")
-            yield cli
-        finally:
-            kill_all_vmms(cli.data_dir)
-
-
 @pytest.fixture(scope="module", params=["xfs", "ext4"])
 def fs_cli(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[CLI]:
-    yield from _fs_cli(request.param, tmp_path_factory)
+    with data_dir_on(request.param, tmp_path_factory.mktemp(f"fork-{request.param}")) as cli:
+        yield cli
 
 
 @pytest.fixture(scope="module")
 def xfs_cli(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CLI]:
-    yield from _fs_cli("xfs", tmp_path_factory)
+    with data_dir_on("xfs", tmp_path_factory.mktemp("fork-xfs")) as cli:
+        yield cli
 
 
 def ten_steps(cli: CLI, report: list[str], hypervisor: str = "qemu",
