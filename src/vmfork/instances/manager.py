@@ -15,8 +15,7 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -417,8 +416,7 @@ class Manager:
             if st != "running":
                 hint = f": use 'vmfork restore {inst.name}'" if st == "standby" else f": use 'vmfork start {inst.name}'"
                 raise WrongState(f"instance '{inst.name}' is {st}{hint}")
-            with self.hypervisor(inst).agent(inst.g, 5.0) as agent:
-                agent.ping()
+            with self.hypervisor(inst).agent(inst.g, 5.0) as agent:  # connecting pings the agent
                 return agent.exec(argv, stdin=stdin, timeout=timeout, env=env, cwd=cwd,
                                   on_stdout=on_stdout, on_stderr=on_stderr)
 
@@ -615,11 +613,3 @@ class Manager:
                 },
             }
         return d
-
-    @contextmanager
-    def agent(self, ref: str) -> Iterator[AgentClient]:
-        inst = self.find(ref)
-        with self.hypervisor(inst).agent(inst.g, 5.0) as a:
-            a.ping()
-            yield a
-

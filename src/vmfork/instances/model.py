@@ -9,8 +9,6 @@ from typing import Any
 
 from vmfork.layout import GuestDir
 
-STATES = ("running", "paused", "standby", "stopped")
-
 
 @dataclass
 class Instance:
