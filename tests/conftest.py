@@ -101,7 +101,7 @@ def session_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]
 
 def _kill_all(data_dir: Path) -> None:
     """Leave no VMM behind, whatever a test did."""
-    from vmfork.hypervisor.qemu import vmm_record
+    from vmfork.hypervisor.base import vmm_record
     from vmfork.layout import GuestDir
 
     guests = data_dir / "guests"

@@ -20,7 +20,7 @@ def _latest_image(images: Path) -> Any:
 
 
 def run_checks(data_dir: Path, progress: Callable[[str], None]) -> dict[str, Any]:
-    from vmfork.forkvm import filesystem_type, reflink_supported
+    from vmfork.fs import filesystem_type, reflink_supported
     from vmfork.hypervisor.accel import kvm_device_problem, probe_kvm
     from vmfork.hypervisor.qemu import QemuHypervisor
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from vmfork import retry
 from vmfork.errors import Busy
 
 
@@ -30,19 +30,15 @@ def file_lock(path: Path, *, what: str, timeout: float = 30.0) -> Iterator[None]
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
-        deadline = time.monotonic() + timeout
-        delay = 0.005
-        while True:
+        for _ in retry.attempts(timeout, first=0.005, cap=0.1):
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except OSError as e:
                 if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
                     raise
-                if time.monotonic() >= deadline:
-                    raise Busy(f"{what} is busy: another vmfork command holds its lock{_holder(path)}") from None
-                time.sleep(delay)
-                delay = min(delay * 2, 0.1)
+        else:
+            raise Busy(f"{what} is busy: another vmfork command holds its lock{_holder(path)}")
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         yield

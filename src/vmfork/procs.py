@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 import select
 import signal
-import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from vmfork import retry
 
 
 def _stat_fields(pid: int) -> list[str] | None:
@@ -81,14 +82,7 @@ class ProcRef:
             os.close(pidfd)
 
     def _poll_exit(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        delay = 0.002
-        while self.alive():
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(delay)
-            delay = min(delay * 2, 0.05)
-        return True
+        return any(not self.alive() for _ in retry.attempts(timeout))
 
     def kill(self, timeout: float = 5.0) -> None:
         """SIGTERM, then SIGKILL after ``timeout``; returns once the process is gone."""

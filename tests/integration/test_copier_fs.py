@@ -21,12 +21,14 @@ from tests.fsutil import (
 )
 from vmfork.forkvm import (
     CopyError,
-    allocated_bytes,
     clone_file,
     clone_tree,
+    sparse_copy_file,
+)
+from vmfork.fs import (
+    allocated_bytes,
     filesystem_type,
     reflink_supported,
-    sparse_copy_file,
 )
 
 GiB = 1 << 30

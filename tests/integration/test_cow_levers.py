@@ -21,8 +21,11 @@ import pytest
 
 from tests.conftest import CLI, data_dir_on
 from tests.fsutil import loop_fs, skip_unless_loop_fs
-from vmfork.forkvm import clone_file, clone_tree
-from vmfork.forkvm.copier import (
+from vmfork.forkvm import (
+    clone_file,
+    clone_tree,
+)
+from vmfork.fs import (
     cow_extent_size_hint,
     extent_stats,
     has_shared_extents,

@@ -19,13 +19,15 @@ from vmfork.errors import VmforkError
 from vmfork.forkvm import (
     CopyError,
     CopyStats,
-    allocated_bytes,
     clone_file,
     clone_tree,
     default_skip,
+    sparse_copy_file,
+)
+from vmfork.fs import (
+    allocated_bytes,
     filesystem_type,
     reflink_supported,
-    sparse_copy_file,
 )
 
 # holes at the start, in the middle and at the end

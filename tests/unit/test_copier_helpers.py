@@ -11,9 +11,11 @@ import pytest
 from vmfork.forkvm.copier import (
     CopyError,
     clone_tree,
+    fsync_tree,
+)
+from vmfork.fs import (
     cow_extent_size_hint,
     extent_stats,
-    fsync_tree,
     has_shared_extents,
     set_cow_extent_size_hint,
 )

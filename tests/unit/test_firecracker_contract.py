@@ -45,7 +45,9 @@ from tests.fc_api_double import (
     read_page,
 )
 from vmfork.errors import HypervisorError, WrongState
-from vmfork.forkvm import clone_tree
+from vmfork.forkvm import (
+    clone_tree,
+)
 from vmfork.hypervisor import fc_vmstate, get_hypervisor
 from vmfork.hypervisor.base import VMConfig
 from vmfork.hypervisor.firecracker import AGENT_PORT, VSOCK_UDS, FirecrackerHypervisor

@@ -23,8 +23,8 @@ from vmfork.bench import probes
 from vmfork.bench.bare import bare_quit, bare_restore
 from vmfork.bench.stats import Record, median, ratio_record, record
 from vmfork.forkvm import clone_file
-from vmfork.hypervisor.base import VMConfig
-from vmfork.hypervisor.qemu import QemuHypervisor, vmm_record
+from vmfork.hypervisor.base import VMConfig, vmm_record
+from vmfork.hypervisor.qemu import QemuHypervisor
 from vmfork.instances.manager import Manager
 from vmfork.layout import GuestDir
 

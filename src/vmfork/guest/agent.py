@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from vmfork import retry
 from vmfork.errors import AgentError, AgentTimeout
 from vmfork.guest import protocol as proto
 from vmfork.layout import short_path
@@ -321,28 +322,19 @@ def wait_ready(
     ``alive`` is polled between attempts; when it returns False we stop with
     AgentError("VMM exited ...").
     """
-    start = time.monotonic()
-    end = start + deadline_s
-    delay = 0.02
     last: Exception | None = None
-    attempts = 0
-    while True:
+    tries = 0
+    for tries in retry.attempts(deadline_s, first=0.02, cap=0.25):  # noqa: B007 (reported below)
         if alive is not None and not alive():
             raise AgentError("VMM exited before the guest agent answered")
-        attempts += 1
         try:
             return connect()
         except AgentError as exc:  # AgentTimeout included
             if not exc.transient:
                 raise
             last = exc
-        now = time.monotonic()
-        if now >= end:
-            break
-        time.sleep(min(delay, max(end - now, 0)))
-        delay = min(delay * 2, 0.25)
     if alive is not None and not alive():
         raise AgentError("VMM exited before the guest agent answered")
     raise AgentTimeout(
-        f"guest agent not ready after {deadline_s:.1f}s ({attempts} attempts; last error: {last})"
+        f"guest agent not ready after {deadline_s:.1f}s ({tries} attempts; last error: {last})"
     )

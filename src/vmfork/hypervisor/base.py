@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -76,6 +77,24 @@ def spawn_vmm(g: GuestDir, argv: list[str], hypervisor: str, *, pass_fds: tuple[
     atomic_write_json(g.vmm_json, {"pid": proc.pid, "start": proc.start, "hypervisor": hypervisor},
                       durable=False)
     return proc
+
+
+def vmm_record(g: GuestDir) -> ProcRef | None:
+    """The VMM recorded for this guest, if it is still that process."""
+    try:
+        d = json.loads(g.vmm_json.read_text())
+    except (OSError, ValueError):
+        return None
+    ref = ProcRef(int(d["pid"]), int(d["start"]))
+    return ref if ref.alive() else None
+
+
+def tail(path: Path, lines: int = 8) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return " | ".join(x for x in text.strip().splitlines()[-lines:] if x.strip())
 
 
 class Hypervisor(ABC):

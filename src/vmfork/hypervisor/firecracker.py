@@ -45,15 +45,14 @@ import os
 import re
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
+from vmfork import retry
 from vmfork.errors import HypervisorError, VmforkError, WrongState
 from vmfork.guest.agent import AgentClient
 from vmfork.hypervisor import fc_vmstate
-from vmfork.hypervisor.base import Capabilities, Hypervisor, VMConfig, spawn_vmm
+from vmfork.hypervisor.base import Capabilities, Hypervisor, VMConfig, spawn_vmm, tail
 from vmfork.hypervisor.firecracker_api import CONFIG_TIMEOUT, FirecrackerAPI, FirecrackerUnreachable
-from vmfork.hypervisor.qemu import tail
 from vmfork.images import Image
 from vmfork.layout import GuestDir, short_path
 from vmfork.procs import ProcRef
@@ -138,9 +137,8 @@ class FirecrackerHypervisor(Hypervisor):
     def _api_ready(self, g: GuestDir, proc: ProcRef, timeout: float = API_READY_TIMEOUT) -> FirecrackerAPI:
         """A client once ``GET /`` answers; polls with a short backoff, fails fast if the VMM died."""
         api = self._api(g)
-        deadline = time.monotonic() + timeout
-        delay = 0.002
-        while True:
+        last: Exception | None = None
+        for _ in retry.attempts(timeout):
             if not proc.alive():
                 api.close()
                 detail = tail(g.vmm_log, 3)
@@ -150,11 +148,9 @@ class FirecrackerHypervisor(Hypervisor):
                 api.describe_instance()
                 return api
             except FirecrackerUnreachable as e:
-                if time.monotonic() >= deadline:
-                    api.close()
-                    raise HypervisorError(f"Firecracker's API socket did not answer within {timeout:.0f}s: {e}") from None
-            time.sleep(delay)
-            delay = min(delay * 2, 0.05)
+                last = e
+        api.close()
+        raise HypervisorError(f"Firecracker's API socket did not answer within {timeout:.0f}s: {last}")
 
     def _fail(self, g: GuestDir, proc: ProcRef, what: str, err: Exception) -> HypervisorError:
         proc.kill()

@@ -9,7 +9,6 @@ shared/notes/qemu-on-these-machines.md.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import shutil
 import socket
@@ -19,9 +18,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vmfork.errors import HypervisorError
-from vmfork.forkvm.copier import has_shared_extents
+from vmfork.fs import has_shared_extents
 from vmfork.guest.agent import AgentClient
-from vmfork.hypervisor.base import Capabilities, Hypervisor, Starter, VMConfig, spawn_vmm
+from vmfork.hypervisor.base import Capabilities, Hypervisor, Starter, VMConfig, spawn_vmm, tail
 from vmfork.hypervisor.thp import popen_without_ram_thp, ram_thp_kept
 from vmfork.images import Image
 from vmfork.layout import GuestDir, short_path
@@ -40,14 +39,6 @@ def host_tsc_khz() -> int:
         if line.startswith("cpu MHz"):
             return int(float(line.split(":")[1]) * 1000)
     raise HypervisorError("cannot read the host CPU frequency from /proc/cpuinfo")
-
-
-def tail(path: Path, lines: int = 8) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return ""
-    return " | ".join(x for x in text.strip().splitlines()[-lines:] if x.strip())
 
 
 class QemuHypervisor(Hypervisor):
@@ -294,13 +285,3 @@ def _uncache_if_shared(memory: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def vmm_record(g: GuestDir) -> ProcRef | None:
-    """The VMM recorded for this guest, if it is still that process."""
-    try:
-        d = json.loads(g.vmm_json.read_text())
-    except (OSError, ValueError):
-        return None
-    ref = ProcRef(int(d["pid"]), int(d["start"]))
-    return ref if ref.alive() else None

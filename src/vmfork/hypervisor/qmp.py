@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
@@ -12,6 +11,7 @@ from typing import Any
 
 from qemu.qmp import ConnectError, ExecuteError, QMPClient, QMPError
 
+from vmfork import retry
 from vmfork.errors import HypervisorError
 from vmfork.layout import short_path
 
@@ -43,10 +43,8 @@ class QMP:
     ) -> QMP:
         """Connect, retrying until the socket answers; fail fast if the VMM died."""
         q = cls(sock.parent.parent.name)
-        deadline = time.monotonic() + timeout
-        delay = 0.002
         last: Exception | None = None
-        while True:
+        for _ in retry.attempts(timeout):
             if alive is not None and not alive():
                 q.close()
                 why = on_dead() if on_dead else ""
@@ -56,11 +54,8 @@ class QMP:
                 return q
             except (ConnectError, OSError) as e:
                 last = e
-            if time.monotonic() >= deadline:
-                q.close()
-                raise HypervisorError(f"QMP socket {sock} did not answer within {timeout:.0f}s: {last}")
-            time.sleep(delay)
-            delay = min(delay * 2, 0.05)
+        q.close()
+        raise HypervisorError(f"QMP socket {sock} did not answer within {timeout:.0f}s: {last}")
 
     def _run(self, coro: Any) -> Any:
         return self._loop.run_until_complete(asyncio.wait_for(coro, 60))
@@ -90,19 +85,15 @@ class QMP:
 
     def wait_migration(self, timeout: float = 600.0) -> dict[str, Any]:
         """Poll query-migrate until completed; raise with QEMU's error text if it failed."""
-        deadline = time.monotonic() + timeout
-        delay = 0.001
-        while True:
+        status = None
+        for _ in retry.attempts(timeout, first=0.001, cap=0.02):
             info: dict[str, Any] = self.execute("query-migrate")
             status = info.get("status")
             if status == "completed":
                 return info
             if status in ("failed", "cancelled"):
                 raise HypervisorError(f"migration {status}: {info.get('error-desc', 'no reason given by QEMU')}")
-            if time.monotonic() >= deadline:
-                raise HypervisorError(f"migration did not complete within {timeout:.0f}s (status {status})")
-            time.sleep(delay)
-            delay = min(delay * 2, 0.02)
+        raise HypervisorError(f"migration did not complete within {timeout:.0f}s (status {status})")
 
     def close(self) -> None:
         try:

@@ -32,11 +32,11 @@ from vmfork.errors import (
     WrongState,
 )
 from vmfork.forkvm import CopyStats, clone_file, clone_tree
-from vmfork.forkvm.copier import fsync_tree, set_cow_extent_size_hint
+from vmfork.forkvm.copier import fsync_tree
+from vmfork.fs import set_cow_extent_size_hint
 from vmfork.guest.agent import AgentClient, ExecResult, wait_ready
 from vmfork.hypervisor import get_hypervisor, resolve_accel
-from vmfork.hypervisor.base import Hypervisor, VMConfig
-from vmfork.hypervisor.qemu import tail, vmm_record
+from vmfork.hypervisor.base import Hypervisor, VMConfig, tail, vmm_record
 from vmfork.images import Image, ensure_image, load_image
 from vmfork.instances.model import Instance, new_mac
 from vmfork.layout import GuestDir, snapshot_complete
@@ -596,7 +596,7 @@ class Manager:
             "created_at": inst.created_at, "parent": inst.parent_name,
         }
         if detail:
-            from vmfork.forkvm import allocated_bytes
+            from vmfork.fs import allocated_bytes
 
             snap = inst.g.snapshot_latest
             d |= {
