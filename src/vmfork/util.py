@@ -121,3 +121,11 @@ def atomic_write_json(path: Path, obj: Any, durable: bool = True) -> None:
 def read_json(path: Path) -> Any:
     with open(path, "rb") as f:
         return json.load(f)
+
+
+def crashpoint(name: str) -> None:
+    """Die here with SIGKILL when VMFORK_CRASHPOINT names this point (crash-recovery tests)."""
+    if os.environ.get("VMFORK_CRASHPOINT") == name:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -188,7 +188,10 @@ def test_fork_of_fork_after_parent_deleted(xfs_cli: CLI, base: str) -> None:
     cli("rm", "gen1")
     cli("restore", "gen2")
     assert cli.sh("gen2", SHOW).split() == ["src-ram", "src-disk", "g1"]
-    assert cli.json("inspect", "gen2")["parent"] == "gen1"  # type: ignore[index]
+    d = cli.json("inspect", "gen2")
+    assert isinstance(d, dict)
+    assert d["parent"] == "gen1 (deleted)"  # not shown as if it still existed
+    assert d["parent_id"] and d["parent_id"] not in {i["id"] for i in cli.json("ps")}  # type: ignore[index]
 
 
 def test_parallel_forks_of_one_snapshot(xfs_cli: CLI, base: str) -> None:
@@ -273,7 +276,7 @@ def _qemu_pids_in(data_dir: Path) -> set[int]:
         ("fork:before-rename", ["fork", "base", "crashed"]),
         ("fork:created", ["fork", "base", "crashed", "--target-state", "running"]),
         ("restore:consuming", ["fork", "base", "crashed", "--target-state", "running"]),
-        ("standby:saved", ["fork", "base", "crashed", "--from-running"]),
+        ("standby:vmm-stopped", ["fork", "base", "crashed", "--from-running"]),
         ("fork:source-standby", ["fork", "base", "crashed", "--from-running"]),
     ],
 )

@@ -117,12 +117,18 @@ class Hypervisor(ABC):
         """Start a VMM that cold-boots the guest; return once the VMM answers its API."""
 
     @abstractmethod
-    def save(self, g: GuestDir, cfg: VMConfig, proc: ProcRef, into: Path) -> None:
-        """Pause the guest, write ``memory`` + ``state`` into ``into``, stop the VMM."""
+    def save(self, g: GuestDir, cfg: VMConfig, proc: ProcRef, into: Path, *,
+             state_written: Callable[[], None] | None = None) -> None:
+        """Pause the guest, write its ``state`` (and its ``memory``, unless the guest RAM is
+        the file ``g.memory`` -- ``capabilities.file_backed_memory``: the manager moves that
+        one) into ``into``, call ``state_written`` once all the VMM writes is complete, then
+        stop the VMM. A failure before ``state_written`` resumes the guest and raises."""
 
     @abstractmethod
-    def restore(self, g: GuestDir, cfg: VMConfig, image: Image, snap: Path) -> ProcRef:
-        """Start a VMM on the snapshot in ``snap`` and resume it."""
+    def restore(self, g: GuestDir, cfg: VMConfig, image: Image, snap: Path, *,
+                before_resume: Callable[[], None] | None = None) -> ProcRef:
+        """Start a VMM on the snapshot in ``snap`` (with ``file_backed_memory`` its RAM is
+        already at ``g.memory``), load it paused, call ``before_resume``, resume it."""
 
     @abstractmethod
     def quit(self, g: GuestDir, proc: ProcRef) -> None:

@@ -45,6 +45,7 @@ import os
 import re
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 from vmfork import retry
@@ -183,7 +184,8 @@ class FirecrackerHypervisor(Hypervisor):
             raise self._fail(g, proc, "Firecracker did not start the VM", e) from None
         return proc
 
-    def save(self, g: GuestDir, cfg: VMConfig, proc: ProcRef, into: Path) -> None:
+    def save(self, g: GuestDir, cfg: VMConfig, proc: ProcRef, into: Path, *,
+             state_written: Callable[[], None] | None = None) -> None:
         base_mem = g.snapshot_base / "memory"
         mem, state = into / "memory", into / "state"
         diff = self._diff_base_ok(g, cfg, proc, base_mem)
@@ -216,6 +218,8 @@ class FirecrackerHypervisor(Hypervisor):
         cfg.vmm_version = fc_version  # the manager writes cfg into the snapshot's config.json
         cfg.extra["fc_snapshot_version"] = snapshot_version
         cfg.extra["fc_snapshot_type"] = "Diff" if diff else "Full"
+        if state_written is not None:
+            state_written()
         proc.kill()  # Firecracker has synced both files before answering; it has no "quit" call
         _forget_base(g)  # its mem-file is now part of the new snapshot (Diff) or superseded (Full)
 
@@ -230,7 +234,8 @@ class FirecrackerHypervisor(Hypervisor):
             and (rec.get("dev"), rec.get("ino")) == (st.st_dev, st.st_ino) \
             and st.st_size == cfg.memory_mib << 20
 
-    def restore(self, g: GuestDir, cfg: VMConfig, image: Image, snap: Path) -> ProcRef:
+    def restore(self, g: GuestDir, cfg: VMConfig, image: Image, snap: Path, *,
+                before_resume: Callable[[], None] | None = None) -> ProcRef:
         g.ensure_dirs()
         _forget_base(g)  # only the snapshot being restored can become the base
         state, mem = snap / "state", snap / "memory"
@@ -241,6 +246,8 @@ class FirecrackerHypervisor(Hypervisor):
                 api.put_serial(serial_out_path=CONSOLE)  # allowed before a load (not a boot resource)
                 api.load_snapshot(snapshot_path=_rel(g, state), mem_file=_rel(g, mem), track_dirty_pages=True,
                                   resume_vm=False, vsock_uds_path=VSOCK_UDS)
+                if before_resume is not None:
+                    before_resume()
                 api.patch_vm("Resumed")
         except HypervisorError as e:
             raise self._fail(g, proc, "restore failed", e) from None

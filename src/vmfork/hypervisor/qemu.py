@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +26,7 @@ from vmfork.hypervisor.thp import popen_without_ram_thp, ram_thp_kept
 from vmfork.images import Image
 from vmfork.layout import GuestDir, short_path
 from vmfork.procs import ProcRef
+from vmfork.util import crashpoint
 
 if TYPE_CHECKING:
     from vmfork.hypervisor.qmp import QMP
@@ -97,8 +99,8 @@ class QemuHypervisor(Hypervisor):
             "-drive", "file=disk.raw,format=raw,if=none,id=data,discard=unmap",
             "-device", "virtio-blk-device,drive=data",
         ]
-        if incoming:
-            args += ["-incoming", "defer"]
+        if incoming:  # paused after the load (-S), until 'cont'
+            args += ["-S", "-incoming", "defer"]
         return args
 
     # --- process ------------------------------------------------------------------------
@@ -154,7 +156,8 @@ class QemuHypervisor(Hypervisor):
             raise self._fail(g, proc, "QEMU did not start", e) from None
         return proc
 
-    def save(self, g: GuestDir, cfg: VMConfig, proc: ProcRef, into: Path) -> None:
+    def save(self, g: GuestDir, cfg: VMConfig, proc: ProcRef, into: Path, *,
+             state_written: Callable[[], None] | None = None) -> None:
         t0 = time.monotonic()
         fd = os.open(into / "state", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
@@ -167,6 +170,10 @@ class QemuHypervisor(Hypervisor):
                 q.execute("migrate", {"uri": "fd:vmfork-state"})
                 q.wait_migration()  # completed: QEMU has written and flushed the whole stream
                 t_state = time.monotonic()
+                crashpoint("standby:state-written")
+                if state_written is not None:
+                    state_written()  # from here on, a crash rolls the standby forward
+                crashpoint("standby:marked")
                 q.quit()
         except HypervisorError as e:
             # The guest is paused or still running; leave it running rather than lose it.
@@ -181,17 +188,15 @@ class QemuHypervisor(Hypervisor):
         t_quit = time.monotonic()
         if not proc.wait_exit(10):
             proc.kill()
-        os.rename(g.memory, into / "memory")
         t1 = time.monotonic()
         self.last_phases = {"qmp_s": t_qmp - t0, "state_s": t_state - t_qmp, "quit_s": t_quit - t_state,
                             "exit_s": t1 - t_quit}
 
-    def restore(self, g: GuestDir, cfg: VMConfig, image: Image, snap: Path) -> ProcRef:
+    def restore(self, g: GuestDir, cfg: VMConfig, image: Image, snap: Path, *,
+                before_resume: Callable[[], None] | None = None) -> ProcRef:
         t0 = time.monotonic()
-        os.rename(snap / "memory", g.memory)
         _uncache_if_shared(g.memory)
         fd = os.open(snap / "state", os.O_RDONLY | os.O_CLOEXEC)
-        resumed = False
         try:
             proc = self._spawn(g, cfg, image, incoming=True)
             t_spawn = time.monotonic()
@@ -202,19 +207,17 @@ class QemuHypervisor(Hypervisor):
                               {"capabilities": [{"capability": "x-ignore-shared", "state": True}]})
                     q.pass_fd(fd, "vmfork-state")
                     q.execute("migrate-incoming", {"uri": "fd:vmfork-state"})
-                    q.wait_migration()
+                    q.wait_migration()  # loaded; -S keeps the guest paused until 'cont'
                     t_load = time.monotonic()
-                    resumed = True
+                    crashpoint("restore:loaded")
+                    if before_resume is not None:
+                        before_resume()  # from here on the guest runs on (and writes) its RAM file
                     q.execute("cont")
                     t_cont = time.monotonic()
                 self.last_phases = {"spawn_s": t_spawn - t0, "qmp_s": t_qmp - t_spawn,
                                     "load_s": t_load - t_qmp, "resume_s": t_cont - t_load}
             except HypervisorError as e:
                 raise self._fail(g, proc, "restore failed", e) from None
-        except BaseException:
-            if not resumed:  # the guest never ran on this RAM: give the snapshot back whole
-                os.rename(g.memory, snap / "memory")
-            raise
         finally:
             os.close(fd)
         return proc
@@ -232,7 +235,9 @@ class QemuHypervisor(Hypervisor):
 
     def resume(self, g: GuestDir, proc: ProcRef) -> bool:
         with self._qmp(g, proc, timeout=2) as q:
-            if q.execute("query-status").get("status") != "paused":
+            # paused: stopped by a standby that went no further; postmigrate: its state was
+            # written (the block devices are handed back by 'cont'). Never 'inmigrate'.
+            if q.execute("query-status").get("status") not in ("paused", "postmigrate"):
                 return False
             q.execute("cont")
             return True

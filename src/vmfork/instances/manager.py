@@ -4,18 +4,25 @@ Rules every operation keeps:
 - state is derived (VMM alive? complete snapshot on disk?), metadata is written atomically;
 - one vmfork process at a time works on an instance (flock in ``locks/<id>.lock``);
 - a new instance (run or fork) is built in ``guests/.tmp-<id>`` and renamed into place,
-  so a failure or a crash leaves a whole instance or nothing (``recover`` cleans up);
+  so a failure or a crash leaves a whole instance or nothing (``recover`` cleans up); one
+  still being brought to its target state carries ``pending`` until it is there, and a
+  crash before that rolls it back;
+- an operation re-reads its instance once it holds the lock (it may have gone meanwhile);
+- standby and restore have one commit point each (the snapshot's manifest, written once the
+  VMM wrote everything; the restore's ``resumed`` mark, made just before the guest runs):
+  a crash before it is undone, a crash after it is finished, never left half;
 - a fork never writes to its source's files: it gets copy-on-write clones of them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
-import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,15 +41,17 @@ from vmfork.errors import (
 from vmfork.forkvm import CopyStats, clone_file, clone_tree
 from vmfork.forkvm.copier import fsync_tree
 from vmfork.fs import set_cow_extent_size_hint
-from vmfork.guest.agent import AgentClient, ExecResult, wait_ready
+from vmfork.guest.agent import ExecResult, wait_ready
 from vmfork.hypervisor import get_hypervisor, resolve_accel
 from vmfork.hypervisor.base import Hypervisor, VMConfig, tail, vmm_record
 from vmfork.images import Image, ensure_image, load_image
+from vmfork.instances import integrity
 from vmfork.instances.model import Instance, new_mac
-from vmfork.layout import GuestDir, snapshot_complete
-from vmfork.locking import file_lock, try_lock
+from vmfork.layout import GuestDir
+from vmfork.locking import file_lock, release, try_lock, unlink_held
 from vmfork.paths import DataDir
 from vmfork.procs import ProcRef
+from vmfork.util import crashpoint
 
 Progress = Callable[[str], None]
 
@@ -53,18 +62,15 @@ LOCK_TIMEOUT = float(os.environ.get("VMFORK_LOCK_TIMEOUT", "60"))
 # pages it dirties, not 128 KiB (the XFS default) per page. VMFORK_COWEXTSIZE=0 leaves the
 # filesystem's default on a new data dir.
 COW_EXTSIZE = 4096
+# Made in .restoring just before the restored guest is resumed: from then on it writes its RAM.
+RESUMED = "resumed"
 
 
 @dataclass
 class Status:
-    state: str
+    state: str  # running, standby, stopped, error
     proc: ProcRef | None
-
-
-def crashpoint(name: str) -> None:
-    """Die here with SIGKILL when VMFORK_CRASHPOINT names this point (crash-recovery tests)."""
-    if os.environ.get("VMFORK_CRASHPOINT") == name:
-        os.kill(os.getpid(), signal.SIGKILL)
+    problem: str | None = None  # why the state is "error"
 
 
 def _now() -> str:
@@ -99,24 +105,38 @@ class Manager:
     def _global_lock(self) -> Any:
         return file_lock(self.dd.locks / "global.lock", what="the data dir", timeout=LOCK_TIMEOUT)
 
-    def _lock(self, inst: Instance) -> Any:
-        return file_lock(self.dd.locks / f"{inst.id}.lock", what=f"instance '{inst.name}'", timeout=LOCK_TIMEOUT)
+    def _lock_path(self, iid: str) -> Path:
+        return self.dd.locks / f"{iid}.lock"
+
+    @contextmanager
+    def _instance_lock(self, iid: str, name: str, timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
+        """The lock of instance ``iid``; its lock file goes when the instance is gone."""
+        path = self._lock_path(iid)
+        with file_lock(path, what=f"instance '{name}'", timeout=timeout) as fd:
+            try:
+                yield
+            finally:
+                if not (self.dd.guests / iid).exists() and not (self.dd.guests / f".tmp-{iid}").exists():
+                    unlink_held(fd, path)
+
+    @contextmanager
+    def _locked(self, ref: str | Instance) -> Iterator[Instance]:
+        """Find the instance, lock it, and yield it as it is now that the lock is held."""
+        inst = ref if isinstance(ref, Instance) else self.find(ref)
+        with self._instance_lock(inst.id, inst.name):
+            d = self.dd.guests / inst.id
+            if not d.is_dir():
+                raise NotFound(f"instance '{inst.name}' not found (it was removed meanwhile)")
+            yield Instance.load(d)
 
     # --- lookup ---------------------------------------------------------------------------
-    def _load(self, d: Path) -> Instance | None:
-        try:
-            return Instance.from_json(util.read_json(d / "instance.json"), d)
-        except (OSError, ValueError, TypeError):
-            return None
-
     def instances(self) -> list[Instance]:
+        """Every instance, those with unreadable metadata included (with their ``problem``)."""
         out = []
         for d in sorted(self.dd.guests.iterdir()):
             if d.name.startswith(".") or not d.is_dir():
                 continue
-            inst = self._load(d)
-            if inst is not None:
-                out.append(inst)
+            out.append(Instance.load(d))
         return sorted(out, key=lambda i: (i.created_at, i.name))
 
     def find(self, ref: str) -> Instance:
@@ -127,11 +147,20 @@ class Manager:
 
     def status(self, inst: Instance) -> Status:
         proc = vmm_record(inst.g)
+        if inst.problem:
+            return Status("error", proc, inst.problem)
         if proc is not None:
             return Status("running", proc)
-        if inst.g.has_snapshot():
-            return Status("standby", None)
+        snap = inst.g.snapshot_latest
+        if snap.exists():
+            problem = integrity.quick_problem(snap, inst.memory_mib << 20)
+            return Status("error", None, problem) if problem else Status("standby", None)
         return Status("stopped", None)
+
+    def _usable(self, inst: Instance, st: Status) -> None:
+        if st.state == "error":
+            raise WrongState(f"instance '{inst.name}' is broken: {st.problem} "
+                             f"('vmfork rm {inst.name}' removes it)")
 
     def hypervisor(self, inst: Instance) -> Hypervisor:
         return get_hypervisor(inst.hypervisor)
@@ -139,70 +168,106 @@ class Manager:
     def image(self, digest: str) -> Image:
         return load_image(self.dd.images, digest)
 
+    def _set_metadata(self, inst: Instance, **changes: Any) -> None:
+        for k, v in changes.items():
+            setattr(inst, k, v)
+        util.atomic_write_json(inst.g.metadata, inst.to_json())
+
     # --- recovery -------------------------------------------------------------------------
     def recover(self) -> list[str]:
-        """Finish or undo what a crashed vmfork left behind. Safe to run at any time."""
+        """Finish or undo what a crashed vmfork left behind. Safe to run at any time: it
+        touches only what no live vmfork holds the lock of."""
         actions: list[str] = []
         for d in sorted(self.dd.guests.iterdir()) if self.dd.guests.exists() else []:
-            if d.name.startswith(".tmp-") or d.name.startswith(".trash-"):
+            if d.name.startswith((".tmp-", ".trash-")):
                 iid = d.name.split("-", 1)[1]
-                fd = try_lock(self.dd.locks / f"{iid}.lock") if d.name.startswith(".tmp-") else -1
-                if fd is None:
-                    continue  # a live vmfork is building it
-                try:
-                    self._kill_vmm_of(GuestDir(d))
-                    shutil.rmtree(d, ignore_errors=True)
-                    actions.append(f"removed unfinished {d.name}")
-                finally:
-                    if fd >= 0:
-                        os.close(fd)
+                with self._try_instance_lock(iid) as free:
+                    if free:
+                        self._kill_vmm_of(GuestDir(d))
+                        shutil.rmtree(d, ignore_errors=True)
+                        actions.append(f"removed unfinished {d.name}")
                 continue
-            if d.name.startswith("."):
+            if d.name.startswith(".") or not d.is_dir():
                 continue
             g = GuestDir(d)
-            if not (g.snapshot_tmp.exists() or g.restoring.exists()):
+            inst = Instance.load(d)
+            if not (g.snapshot_tmp.exists() or g.restoring.exists() or inst.pending):
                 continue
-            fd = try_lock(self.dd.locks / f"{d.name}.lock")
-            if fd is None:
-                continue
-            try:
-                actions += self._recover_guest(g)
-            finally:
-                os.close(fd)
+            with self._try_instance_lock(d.name) as free:
+                if free:
+                    actions += self._recover_guest(Instance.load(d))
         self._kill_orphan_vmms(actions)
+        self._remove_stale_locks(actions)
         return actions
 
-    def _recover_guest(self, g: GuestDir) -> list[str]:
+    @contextmanager
+    def _try_instance_lock(self, iid: str) -> Iterator[bool]:
+        path = self._lock_path(iid)
+        fd = try_lock(path, create=True)
+        try:
+            yield fd is not None
+        finally:
+            if fd is not None:
+                gone = not (self.dd.guests / iid).exists() and not (self.dd.guests / f".tmp-{iid}").exists()
+                release(fd, path, remove=gone)
+
+    def _recover_guest(self, inst: Instance) -> list[str]:
+        g, label = inst.g, inst.name
+        if inst.pending and not inst.problem:
+            what = "fork" if inst.parent_id else "run"
+            self._destroy(inst)
+            return [f"{label}: rolled back an unfinished {what} (it was to end {inst.pending})"]
         actions = []
-        proc = vmm_record(g)
         if g.snapshot_tmp.exists():
-            tmp = g.snapshot_tmp
-            if proc is None and (tmp / "memory").is_file() and (tmp / "state").is_file() \
-                    and (g.run / "config.json").is_file():
-                # The VMM finished writing the state and exited, then the RAM file was moved:
-                # everything is there but the commit. Roll forward.
-                cfg = util.read_json(g.run / "config.json")
-                util.atomic_write_json(tmp / "config.json", cfg | {"taken_at": _now()}, durable=False)
-                self._commit_snapshot(g)
-                actions.append(f"{g.path.name}: completed an interrupted standby")
-            else:
-                shutil.rmtree(tmp, ignore_errors=True)
-                actions.append(f"{g.path.name}: removed an unfinished standby")
-                if proc is not None:  # the guest may be left paused by the interrupted standby
-                    inst = self._load(g.path)
-                    try:
-                        if inst is not None and self.hypervisor(inst).resume(g, proc):
-                            actions.append(f"{g.path.name}: resumed the guest")
-                    except VmforkError:
-                        pass
+            actions.append(f"{label}: {self._recover_standby(inst)}")
         if g.restoring.exists():
-            if proc is None and snapshot_complete(g.restoring) and not g.snapshot_latest.exists():
-                os.rename(g.restoring, g.snapshot_latest)  # the VMM never took the RAM: still valid
-                actions.append(f"{g.path.name}: rolled back an interrupted restore")
-            else:
-                shutil.rmtree(g.restoring, ignore_errors=True)
-                actions.append(f"{g.path.name}: removed a consumed snapshot")
+            actions.append(f"{label}: {self._recover_restore(inst)}")
         return actions
+
+    def _recover_standby(self, inst: Instance) -> str:
+        g, hv, tmp = inst.g, self.hypervisor(inst), inst.g.snapshot_tmp
+        proc = vmm_record(g)
+        if integrity.has_manifest(tmp):
+            # The VMM had written everything: roll forward, wherever the RAM file is now.
+            if proc is not None:
+                hv.quit(g, proc)
+            if hv.capabilities.file_backed_memory and not (tmp / "memory").exists() and g.memory.exists():
+                os.rename(g.memory, tmp / "memory")
+            self._commit_snapshot(g)
+            g.vmm_json.unlink(missing_ok=True)
+            return "completed an interrupted standby"
+        shutil.rmtree(tmp, ignore_errors=True)
+        if proc is None:
+            return "removed an unfinished standby (the VMM was gone)"
+        try:
+            resumed = hv.resume(g, proc)  # an interrupted standby may have paused the guest
+        except VmforkError as e:
+            return f"undid an interrupted standby, but could not resume the guest: {e}"
+        return "undid an interrupted standby" + ("; resumed the guest" if resumed else "")
+
+    def _recover_restore(self, inst: Instance) -> str:
+        g, hv, r = inst.g, self.hypervisor(inst), inst.g.restoring
+        proc = vmm_record(g)
+        if (r / RESUMED).exists():  # the guest ran on the snapshot's RAM
+            if proc is not None:
+                with contextlib.suppress(VmforkError):
+                    hv.resume(g, proc)
+                self._finish_restore(g, hv)
+                return "finished an interrupted restore"
+            if hv.capabilities.restore_consumes_snapshot:
+                shutil.rmtree(r, ignore_errors=True)
+                return "removed a snapshot consumed by a restore whose VMM is gone"
+            (r / RESUMED).unlink()
+        elif proc is not None:
+            hv.quit(g, proc)  # loaded at most, never resumed: the RAM is untouched
+        if hv.capabilities.file_backed_memory and not (r / "memory").exists() and g.memory.exists():
+            os.rename(g.memory, r / "memory")
+        if g.snapshot_latest.exists():
+            shutil.rmtree(r, ignore_errors=True)
+            return "removed a stale restore"
+        os.rename(r, g.snapshot_latest)
+        util.fsync_dir(g.snapshots)
+        return "rolled back an interrupted restore"
 
     def _kill_vmm_of(self, g: GuestDir) -> None:
         proc = vmm_record(g)
@@ -228,23 +293,28 @@ class Manager:
             if not cwd.startswith(guests + "/") or not exe.startswith(("qemu-system", "firecracker")):
                 continue
             gdir = Path(cwd.removesuffix(" (deleted)"))
-            fd: int | None = -1
             if gdir.exists():
                 rec = vmm_record(GuestDir(gdir))
                 if rec is not None and rec.pid == pid:
                     continue
-                iid = gdir.name.removeprefix(".tmp-").removeprefix(".trash-")
-                fd = try_lock(self.dd.locks / f"{iid}.lock")
-                if fd is None:
+            iid = gdir.name.removeprefix(".tmp-").removeprefix(".trash-")
+            with self._try_instance_lock(iid) as free:
+                if not free:
                     continue
-            try:
-                ProcRef.of(pid).kill(timeout=2)
-                actions.append(f"killed orphan VMM pid {pid} in {gdir.name}")
-            except ProcessLookupError:
-                pass
-            finally:
-                if fd is not None and fd >= 0:
-                    os.close(fd)
+                try:
+                    ProcRef.of(pid).kill(timeout=2)
+                    actions.append(f"killed orphan VMM pid {pid} in {gdir.name}")
+                except ProcessLookupError:
+                    pass
+
+    def _remove_stale_locks(self, actions: list[str]) -> None:
+        """Lock files of instances that do not exist (left by a crash) go."""
+        for f in self.dd.locks.glob("*.lock"):
+            iid = f.name.removesuffix(".lock")
+            if iid == "global" or (self.dd.guests / iid).exists() or (self.dd.guests / f".tmp-{iid}").exists():
+                continue
+            with self._try_instance_lock(iid):
+                pass  # released with remove=True when free (the instance is gone)
 
     # --- create -----------------------------------------------------------------------------
     def _check_name_free(self, name: str) -> None:
@@ -262,7 +332,7 @@ class Manager:
     def _new_id(self) -> str:
         while True:
             iid = util.new_id()
-            if not (self.dd.guests / iid).exists():
+            if not (self.dd.guests / iid).exists() and not self._lock_path(iid).exists():
                 return iid
 
     def run(self, name: str, *, memory_mib: int = 256, vcpus: int = 1, hypervisor: str = "qemu",
@@ -281,13 +351,13 @@ class Manager:
         accel_used, why = resolve_accel(hv, image, accel, self.progress)
         iid = self._new_id()
         tmp = self.dd.guests / f".tmp-{iid}"
-        with file_lock(self.dd.locks / f"{iid}.lock", what=f"instance '{name}'", timeout=0):
+        with self._instance_lock(iid, name, timeout=0):
             with self._global_lock():
                 self._check_name_free(name)
                 inst = Instance(
                     id=iid, name=name, hypervisor=hypervisor, accel=accel_used, memory_mib=memory_mib,
                     vcpus=vcpus, image_digest=image.digest, created_at=_now(), mac=new_mac(),
-                    cid=self._free_cid(), dir=tmp,
+                    cid=self._free_cid(), pending="running", dir=tmp,
                 )
                 try:
                     GuestDir(tmp).ensure_dirs()
@@ -301,6 +371,8 @@ class Manager:
             try:
                 self.progress(f"booting '{name}' ({hypervisor}, {accel_used}: {why})")
                 self._boot(inst, image)
+                crashpoint("run:booted")
+                self._set_metadata(inst, pending=None)
             except BaseException:
                 self._destroy(inst)
                 raise
@@ -333,7 +405,8 @@ class Manager:
                 t_ping = time.monotonic()
                 agent.set_time()
                 if not inst.identity_applied:
-                    self._apply_identity(inst, agent)
+                    agent.set_hostname(inst.name)
+                    self._set_metadata(inst, identity_applied=True)
             return {"agent_ping_s": t_ping - t0, "agent_setup_s": time.monotonic() - t_ping}
         except AgentError as e:
             hv.quit(inst.g, proc)
@@ -341,28 +414,27 @@ class Manager:
             raise AgentError(f"'{inst.name}': guest agent not ready after {what}: {e}"
                              + (f" (console: {console})" if console else "")) from None
 
-    def _apply_identity(self, inst: Instance, agent: AgentClient) -> None:
-        agent.set_hostname(inst.name)
-        inst.identity_applied = True
-        util.atomic_write_json(inst.g.metadata, inst.to_json())
-
     # --- start / stop / rm ----------------------------------------------------------------
     def start(self, ref: str) -> Instance:
-        inst = self.find(ref)
-        with self._lock(inst):
-            st = self.status(inst).state
-            if st == "running":
+        with self._locked(ref) as inst:
+            st = self.status(inst)
+            self._usable(inst, st)
+            if st.state == "running":
                 raise WrongState(f"instance '{inst.name}' is already running")
-            if st == "standby":
+            if st.state == "standby":
                 raise WrongState(f"instance '{inst.name}' is in standby: use 'vmfork restore {inst.name}'")
             self._boot(inst, self.image(inst.image_digest))
         return inst
 
     def stop(self, ref: str, *, force: bool = False) -> str:
         """Stop the guest; returns what was done."""
-        inst = self.find(ref)
-        with self._lock(inst):
+        with self._locked(ref) as inst:
             st = self.status(inst)
+            if st.state == "error" and force and not inst.problem and st.proc is None \
+                    and inst.g.snapshot_latest.exists():
+                shutil.rmtree(inst.g.snapshot_latest)  # asked for: never silently
+                return "broken snapshot discarded"
+            self._usable(inst, st)
             if st.state == "stopped":
                 return "already stopped"
             if st.state == "standby":
@@ -386,22 +458,23 @@ class Manager:
             return "stopped"
 
     def rm(self, ref: str, *, force: bool = False) -> None:
-        inst = self.find(ref)
-        with self._lock(inst):
+        with self._locked(ref) as inst:
             st = self.status(inst)
-            if st.state == "running" and not force:
+            if st.proc is not None and not force:
                 raise WrongState(f"instance '{inst.name}' is running: stop it first or use 'rm --force'")
             self._destroy(inst)
 
     def _destroy(self, inst: Instance) -> None:
-        proc = vmm_record(inst.g)
-        if proc is not None:
-            self.hypervisor(inst).quit(inst.g, proc)
+        """Remove the instance: renamed out of sight first (the commit point), then its VMM
+        is stopped and its files deleted; recovery finishes a crashed removal."""
         trash = self.dd.guests / f".trash-{inst.id}"
         if inst.dir.exists():
             os.rename(inst.dir, trash)
+            util.fsync_dir(self.dd.guests)
+        crashpoint("rm:renamed")
+        self._kill_vmm_of(GuestDir(trash))
+        crashpoint("rm:vmm-stopped")
         shutil.rmtree(trash, ignore_errors=True)
-        (self.dd.locks / f"{inst.id}.lock").unlink(missing_ok=True)
 
     # --- exec -----------------------------------------------------------------------------
     def exec(self, ref: str, argv: list[str], *, stdin: bytes = b"", timeout: float | None = None,
@@ -410,40 +483,49 @@ class Manager:
              on_stderr: Callable[[bytes], None] | None = None) -> ExecResult:
         if not argv:
             raise InvalidArgument("no command given: use 'vmfork exec NAME -- CMD [ARGS...]'")
-        inst = self.find(ref)
-        with self._lock(inst):
-            st = self.status(inst).state
-            if st != "running":
-                hint = f": use 'vmfork restore {inst.name}'" if st == "standby" else f": use 'vmfork start {inst.name}'"
-                raise WrongState(f"instance '{inst.name}' is {st}{hint}")
+        with self._locked(ref) as inst:
+            st = self.status(inst)
+            self._usable(inst, st)
+            if st.state != "running":
+                hint = f": use 'vmfork restore {inst.name}'" if st.state == "standby" else f": use 'vmfork start {inst.name}'"
+                raise WrongState(f"instance '{inst.name}' is {st.state}{hint}")
             with self.hypervisor(inst).agent(inst.g, 5.0) as agent:  # connecting pings the agent
                 return agent.exec(argv, stdin=stdin, timeout=timeout, env=env, cwd=cwd,
                                   on_stdout=on_stdout, on_stderr=on_stderr)
 
     # --- standby / restore ----------------------------------------------------------------
     def standby(self, ref: str) -> dict[str, Any]:
-        inst = self.find(ref)
-        with self._lock(inst):
+        with self._locked(ref) as inst:
             return self._standby_locked(inst)
 
     def _standby_locked(self, inst: Instance) -> dict[str, Any]:
         st = self.status(inst)
+        self._usable(inst, st)
         if st.state != "running":
             raise WrongState(f"instance '{inst.name}' is {st.state}: only a running instance can be put in standby")
         assert st.proc is not None
         g, hv = inst.g, self.hypervisor(inst)
         t0 = time.monotonic()
-        shutil.rmtree(g.snapshot_tmp, ignore_errors=True)
+        tmp = g.snapshot_tmp
+        shutil.rmtree(tmp, ignore_errors=True)
         if g.snapshot_latest.exists():
             shutil.rmtree(g.snapshot_latest)  # stale: the VM ran since it was taken
-        g.snapshot_tmp.mkdir(parents=True)
+        tmp.mkdir(parents=True)
+        crashpoint("standby:begun")
         cfg = VMConfig.from_json(util.read_json(g.run / "config.json"))
-        hv.save(g, cfg, st.proc, g.snapshot_tmp)
-        crashpoint("standby:saved")
+
+        def state_written() -> None:  # the commit point: from here on a crash rolls forward
+            util.atomic_write_json(tmp / "config.json", cfg.to_json() | {"taken_at": _now()}, durable=False)
+            integrity.write_manifest(tmp, inst.memory_mib << 20)
+
+        hv.save(g, cfg, st.proc, tmp, state_written=state_written)
+        crashpoint("standby:vmm-stopped")
         t_save = time.monotonic()
-        util.atomic_write_json(g.snapshot_tmp / "config.json",
-                               cfg.to_json() | {"taken_at": _now()}, durable=False)
+        if hv.capabilities.file_backed_memory:
+            os.rename(g.memory, tmp / "memory")  # same inode: no copy
+        crashpoint("standby:memory-moved")
         self._commit_snapshot(g)
+        crashpoint("standby:committed")
         g.vmm_json.unlink(missing_ok=True)
         t1 = time.monotonic()
         phases = {f"save_{k}": round(v, 4) for k, v in getattr(hv, "last_phases", {}).items()}
@@ -452,60 +534,96 @@ class Manager:
 
     def _commit_snapshot(self, g: GuestDir) -> None:
         """Make .snapshot-tmp durable and rename it to snapshot-latest (the commit point)."""
-        for f in ("memory", "state", "config.json"):
-            util.fsync_file(g.snapshot_tmp / f)  # memory: only the pages dirtied since the last one
+        integrity.fsync_snapshot(g.snapshot_tmp)  # memory: only the pages dirtied since the last one
         util.fsync_file(g.disk)
-        util.fsync_dir(g.snapshot_tmp)
         os.rename(g.snapshot_tmp, g.snapshot_latest)
         util.fsync_dir(g.snapshots)
 
+    def _check_snapshot(self, inst: Instance, what: str) -> None:
+        problem = integrity.problem(inst.g.snapshot_latest, inst.memory_mib << 20)
+        if problem:
+            raise WrongState(f"instance '{inst.name}' cannot be {what}: {problem} "
+                             f"('vmfork rm {inst.name}' removes it)")
+
     def restore(self, ref: str) -> dict[str, Any]:
-        inst = self.find(ref)
-        with self._lock(inst):
+        with self._locked(ref) as inst:
             return self._restore_locked(inst)
 
     def _restore_locked(self, inst: Instance) -> dict[str, Any]:
-        st = self.status(inst).state
-        if st != "standby":
-            raise WrongState(f"instance '{inst.name}' is {st}: only an instance in standby can be restored")
+        st = self.status(inst)
+        self._usable(inst, st)
+        if st.state != "standby":
+            raise WrongState(f"instance '{inst.name}' is {st.state}: only an instance in standby can be restored")
         g, hv = inst.g, self.hypervisor(inst)
         t0 = time.monotonic()
+        self._check_snapshot(inst, "restored")
         cfg = VMConfig.from_json(
             {k: v for k, v in util.read_json(g.snapshot_latest / "config.json").items() if k != "taken_at"}
         )
         hv.check_snapshot_compat(cfg, inst.name)
         cfg.extra["id"] = inst.id
         image = self.image(cfg.image_digest)
-        shutil.rmtree(g.restoring, ignore_errors=True)
-        os.rename(g.snapshot_latest, g.restoring)  # visible on disk: the snapshot is being consumed
+        r = g.restoring
+        shutil.rmtree(r, ignore_errors=True)
+        os.rename(g.snapshot_latest, r)  # visible on disk: the snapshot is being consumed
         util.fsync_dir(g.snapshots)
         util.atomic_write_json(g.run / "config.json", cfg.to_json(), durable=False)
         crashpoint("restore:consuming")
+        file_backed = hv.capabilities.file_backed_memory
+        if file_backed:
+            os.rename(r / "memory", g.memory)  # the guest RAM is this file while the VMM runs
+        crashpoint("restore:memory-moved")
+        resumed = False
+
+        def before_resume() -> None:  # the commit point: from here on the guest writes its RAM
+            nonlocal resumed
+            (r / RESUMED).touch()
+            resumed = True
+
         t_prep = time.monotonic()
         try:
-            proc = hv.restore(g, cfg, image, g.restoring)
+            proc = hv.restore(g, cfg, image, r, before_resume=before_resume)
         except BaseException:
-            if snapshot_complete(g.restoring):  # not consumed: give it back
-                os.rename(g.restoring, g.snapshot_latest)
+            if not resumed or not hv.capabilities.restore_consumes_snapshot:
+                self._give_back(g, file_backed)
+            else:
+                shutil.rmtree(r, ignore_errors=True)
             raise
+        crashpoint("restore:resumed")
         t_vmm = time.monotonic()
         try:
             agent_phases = self._agent_ready(inst, hv, proc, RESTORE_TIMEOUT, "restore")
         except BaseException:
-            if not hv.capabilities.restore_consumes_snapshot and snapshot_complete(g.restoring):
-                os.rename(g.restoring, g.snapshot_latest)  # never written to: still valid
+            if hv.capabilities.restore_consumes_snapshot:
+                shutil.rmtree(r, ignore_errors=True)
             else:
-                shutil.rmtree(g.restoring, ignore_errors=True)
+                self._give_back(g, file_backed)  # never written to: still valid
             raise
-        if hv.capabilities.restore_consumes_snapshot:
-            shutil.rmtree(g.restoring, ignore_errors=True)
-        else:
-            shutil.rmtree(g.snapshot_base, ignore_errors=True)
-            os.rename(g.restoring, g.snapshot_base)
+        crashpoint("restore:ready")
+        self._finish_restore(g, hv)
         t1 = time.monotonic()
         phases = {k: round(v, 4) for k, v in (getattr(hv, "last_phases", {}) | agent_phases).items()}
         return {"prep_s": round(t_prep - t0, 4), **phases, "vmm_s": round(t_vmm - t0, 4),
                 "agent_s": round(t1 - t_vmm, 4), "total_s": round(t1 - t0, 4)}
+
+    def _give_back(self, g: GuestDir, file_backed: bool) -> None:
+        """A restore that did not take: the snapshot is whole again, as snapshot-latest."""
+        r = g.restoring
+        (r / RESUMED).unlink(missing_ok=True)
+        if file_backed and not (r / "memory").exists() and g.memory.exists():
+            os.rename(g.memory, r / "memory")
+        os.rename(r, g.snapshot_latest)
+        util.fsync_dir(g.snapshots)
+
+    def _finish_restore(self, g: GuestDir, hv: Hypervisor) -> None:
+        """The restored guest runs: its snapshot was consumed (QEMU), or becomes the base the
+        next Diff snapshot is merged into (Firecracker)."""
+        if hv.capabilities.restore_consumes_snapshot:
+            shutil.rmtree(g.restoring, ignore_errors=True)
+        else:
+            (g.restoring / RESUMED).unlink(missing_ok=True)
+            shutil.rmtree(g.snapshot_base, ignore_errors=True)
+            os.rename(g.restoring, g.snapshot_base)
 
     # --- fork -----------------------------------------------------------------------------
     def fork(self, src_ref: str, name: str, *, from_running: bool = False,
@@ -517,46 +635,57 @@ class Manager:
         self._check_name_free(name)
         timings: dict[str, Any] = {}
         t0 = time.monotonic()
-        with self._lock(src):
-            st = self.status(src).state
-            was_running = st == "running"
-            if was_running and not from_running:
-                raise WrongState(f"instance '{src.name}' is running: use 'fork --from-running' "
-                                 "(it is put in standby, forked, and both are restored)")
-            if st == "stopped":
-                raise WrongState(f"instance '{src.name}' is stopped: only a standby or running instance can be forked")
-            if was_running:
-                timings["source_standby"] = self._standby_locked(src)
-                crashpoint("fork:source-standby")
-            try:
-                timings["lookup_s"] = round(time.monotonic() - t0, 4)
-                fork, stats, phases = self._clone(src, name)
-                timings["clone_s"] = round(stats.seconds, 4)
-                timings["clone_method"] = stats.method
-                timings |= {k: round(v, 4) for k, v in phases.items()}
-            finally:
+        iid = self._new_id()
+        # The fork's lock is held from its clone until it is in its target state, so that
+        # no recovery takes it for the leftover of a crash meanwhile.
+        with self._instance_lock(iid, name, timeout=0):
+            with self._locked(src) as src:
+                st = self.status(src)
+                self._usable(src, st)
+                was_running = st.state == "running"
+                if was_running and not from_running:
+                    raise WrongState(f"instance '{src.name}' is running: use 'fork --from-running' "
+                                     "(it is put in standby, forked, and both are restored)")
+                if st.state == "stopped":
+                    raise WrongState(f"instance '{src.name}' is stopped: only a standby or running instance can be forked")
+                target = target_state or ("running" if was_running else "standby")
                 if was_running:
-                    timings["source_restore"] = self._restore_locked(src)
-        crashpoint("fork:created")
-        target = target_state or ("running" if was_running else "standby")
-        if target == "running":
-            with self._lock(fork):
-                timings["fork_restore"] = self._restore_locked(fork)
-        elif target == "stopped":
-            with self._lock(fork):
-                shutil.rmtree(fork.g.snapshot_latest)
+                    timings["source_standby"] = self._standby_locked(src)
+                    crashpoint("fork:source-standby")
+                try:
+                    self._check_snapshot(src, "forked")
+                    timings["lookup_s"] = round(time.monotonic() - t0, 4)
+                    fork, stats, phases = self._clone(src, name, iid, None if target == "standby" else target)
+                    timings["clone_s"] = round(stats.seconds, 4)
+                    timings["clone_method"] = stats.method
+                    timings |= {k: round(v, 4) for k, v in phases.items()}
+                finally:
+                    if was_running:
+                        timings["source_restore"] = self._restore_locked(src)
+            crashpoint("fork:created")
+            try:
+                if target == "running":
+                    timings["fork_restore"] = self._restore_locked(fork)
+                elif target == "stopped":
+                    shutil.rmtree(fork.g.snapshot_latest)
+                crashpoint("fork:target-reached")
+                if fork.pending:
+                    self._set_metadata(fork, pending=None)
+            except BaseException:
+                self._destroy(fork)  # all or nothing: a fork that cannot reach its state goes
+                raise
         timings["total_s"] = round(time.monotonic() - t0, 4)
         return fork, timings
 
-    def _clone(self, src: Instance, name: str) -> tuple[Instance, CopyStats, dict[str, float]]:
-        """Clone a standby source into a new instance, atomically (tmp dir + rename).
+    def _clone(self, src: Instance, name: str, iid: str,
+               pending: str | None) -> tuple[Instance, CopyStats, dict[str, float]]:
+        """Clone a standby source into new instance ``iid``, atomically (tmp dir + rename).
 
         Returns the fork, the copy stats and the seconds spent after the copy: writing the
         fork's metadata (``metadata_s``) and making the whole fork durable (``sync_s``).
         """
-        iid = self._new_id()
         tmp = self.dd.guests / f".tmp-{iid}"
-        with file_lock(self.dd.locks / f"{iid}.lock", what=f"instance '{name}'", timeout=0), self._global_lock():
+        with self._global_lock():
             self._check_name_free(name)
             try:
                 stats = clone_tree(src.dir, tmp, skip=_guest_skip)
@@ -566,7 +695,7 @@ class Manager:
                     id=iid, name=name, hypervisor=src.hypervisor, accel=src.accel,
                     memory_mib=src.memory_mib, vcpus=src.vcpus, image_digest=src.image_digest,
                     created_at=_now(), mac=new_mac(), cid=self._free_cid(), parent_id=src.id,
-                    parent_name=src.name, identity_applied=False, dir=tmp,
+                    parent_name=src.name, identity_applied=False, pending=pending, dir=tmp,
                 )
                 fork.g.ensure_dirs()
                 util.atomic_write_json(fork.g.metadata, fork.to_json(), durable=False)
@@ -586,30 +715,45 @@ class Manager:
     def describe(self, inst: Instance, *, detail: bool = False) -> dict[str, Any]:
         st = self.status(inst)
         state = st.state
-        if detail and st.proc is not None:
+        if detail and st.proc is not None and state == "running":
             qs = self.hypervisor(inst).status(inst.g, st.proc)
             state = "paused" if qs in ("paused", "prelaunch", "inmigrate", "postmigrate") else "running"
+        parent = inst.parent_name
+        if inst.parent_id and not (self.dd.guests / inst.parent_id).is_dir():
+            parent = f"{inst.parent_name} (deleted)"
         d: dict[str, Any] = {
             "id": inst.id, "name": inst.name, "state": state, "hypervisor": inst.hypervisor,
             "accel": inst.accel, "memory_mib": inst.memory_mib, "vcpus": inst.vcpus,
             "pid": st.proc.pid if st.proc else None, "dir": str(inst.dir),
-            "created_at": inst.created_at, "parent": inst.parent_name,
+            "created_at": inst.created_at, "parent": parent, "problem": st.problem,
         }
-        if detail:
+        if detail and not inst.problem:
             from vmfork.fs import allocated_bytes
 
             snap = inst.g.snapshot_latest
-            d |= {
-                "parent_id": inst.parent_id, "mac": inst.mac, "vsock_cid": inst.cid,
-                "image": inst.image_digest, "disk": str(inst.g.disk),
-                "disk_allocated_bytes": allocated_bytes(inst.g.disk) if inst.g.disk.exists() else 0,
-                "console_log": str(inst.g.console_log),
-                "snapshot": None if not inst.g.has_snapshot() else {
+            snapshot: dict[str, Any] | None = None
+            if state in ("standby", "error") and (snap / "memory").is_file():
+                snapshot = {
                     "dir": str(snap),
                     "memory_bytes": (snap / "memory").stat().st_size,
                     "memory_allocated_bytes": allocated_bytes(snap / "memory"),
                     "memory_inode": (snap / "memory").stat().st_ino,
-                    "taken_at": json.loads((snap / "config.json").read_text()).get("taken_at"),
-                },
+                    "taken_at": _taken_at(snap),
+                    "problem": integrity.problem(snap, inst.memory_mib << 20),
+                }
+            d |= {
+                "parent_id": inst.parent_id, "mac": inst.mac, "vsock_cid": inst.cid,
+                "image": inst.image_digest, "disk": str(inst.g.disk),
+                "disk_allocated_bytes": allocated_bytes(inst.g.disk) if inst.g.disk.exists() else 0,
+                "console_log": str(inst.g.console_log), "pending": inst.pending,
+                "snapshot": snapshot,
             }
         return d
+
+
+def _taken_at(snap: Path) -> str | None:
+    try:
+        v = json.loads((snap / "config.json").read_text()).get("taken_at")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return str(v) if v is not None else None

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import re
 import secrets
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from vmfork.layout import GuestDir
+
+# Typed fields a readable instance.json must have (the others have defaults).
+_REQUIRED: dict[str, type | tuple[type, ...]] = {
+    "id": str, "name": str, "hypervisor": str, "accel": str, "memory_mib": int, "vcpus": int,
+    "image_digest": str, "created_at": str, "mac": str, "cid": int,
+}
+_NAME_IN_TEXT = re.compile(rb'"name"\s*:\s*"([a-z0-9][a-z0-9-]{0,62})"')
 
 
 @dataclass
@@ -25,7 +34,12 @@ class Instance:
     parent_id: str | None = None
     parent_name: str | None = None
     identity_applied: bool = True  # False for a fork until its hostname etc. were set in the guest
+    # An unfinished creation ("running", "stopped"): run or fork was still bringing the new
+    # instance to this state. Cleared once done; a crashed creation is rolled back.
+    pending: str | None = None
     dir: Path = field(default=Path("."), compare=False)
+    # Not stored: why this instance cannot be used (unreadable metadata), if it cannot.
+    problem: str | None = field(default=None, compare=False)
 
     @property
     def g(self) -> GuestDir:
@@ -34,12 +48,44 @@ class Instance:
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("dir")
+        d.pop("problem")
         return d
 
     @classmethod
     def from_json(cls, d: dict[str, Any], directory: Path) -> Instance:
-        known = {f.name for f in fields(cls)} - {"dir"}
+        if not isinstance(d, dict):
+            raise ValueError("not a JSON object")
+        for key, typ in _REQUIRED.items():
+            if key not in d:
+                raise ValueError(f"'{key}' is missing")
+            if not isinstance(d[key], typ) or isinstance(d[key], bool):
+                raise ValueError(f"'{key}' is {type(d[key]).__name__}, not {typ.__name__}")  # type: ignore[union-attr]
+        if d["id"] != directory.name and not directory.name.startswith("."):
+            raise ValueError(f"'id' is {d['id']!r} but the directory is {directory.name!r}")
+        known = {f.name for f in fields(cls)} - {"dir", "problem"}
         return cls(**{k: v for k, v in d.items() if k in known}, dir=directory)
+
+    @classmethod
+    def load(cls, directory: Path) -> Instance:
+        """The instance in ``directory``; one whose metadata is unreadable comes back with a
+        ``problem``, its id from the directory and its name found in the text if it can be
+        (so that the name stays taken and the instance can be listed and removed)."""
+        path = directory / "instance.json"
+        try:
+            raw = path.read_bytes()
+        except OSError as e:
+            return cls._broken(directory, b"", f"instance.json cannot be read: {e.strerror}")
+        try:
+            return cls.from_json(json.loads(raw), directory)
+        except (ValueError, TypeError) as e:
+            return cls._broken(directory, raw, f"instance.json is invalid: {e}")
+
+    @classmethod
+    def _broken(cls, directory: Path, raw: bytes, why: str) -> Instance:
+        m = _NAME_IN_TEXT.search(raw)
+        name = m.group(1).decode() if m else directory.name
+        return cls(id=directory.name, name=name, hypervisor="qemu", accel="", memory_mib=0, vcpus=0,
+                   image_digest="", created_at="", mac="", cid=0, dir=directory, problem=why)
 
 
 def new_mac() -> str:
