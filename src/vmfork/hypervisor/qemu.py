@@ -164,8 +164,7 @@ class QemuHypervisor(Hypervisor):
             with self._qmp(g, proc) as q:
                 t_qmp = time.monotonic()
                 q.execute("stop")
-                q.execute("migrate-set-capabilities",
-                          {"capabilities": [{"capability": "x-ignore-shared", "state": True}]})
+                q.set_migration_capabilities()
                 q.pass_fd(fd, "vmfork-state")
                 q.execute("migrate", {"uri": "fd:vmfork-state"})
                 q.wait_migration()  # completed: QEMU has written and flushed the whole stream
@@ -203,8 +202,7 @@ class QemuHypervisor(Hypervisor):
             try:
                 with self._qmp(g, proc) as q:
                     t_qmp = time.monotonic()
-                    q.execute("migrate-set-capabilities",
-                              {"capabilities": [{"capability": "x-ignore-shared", "state": True}]})
+                    q.set_migration_capabilities()
                     q.pass_fd(fd, "vmfork-state")
                     q.execute("migrate-incoming", {"uri": "fd:vmfork-state"})
                     q.wait_migration()  # loaded; -S keeps the guest paused until 'cont'

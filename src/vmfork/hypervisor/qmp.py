@@ -1,15 +1,17 @@
-"""A synchronous face on the official async ``qemu.qmp`` client, with typed errors."""
+"""QMP through ``qemu.qmp``'s own synchronous wrapper (``qemu.qmp.legacy``, as QEMU's
+``QEMUMachine`` uses it), with typed errors, a connect that fails fast when QEMU died, and
+migration completion taken from QEMU's ``MIGRATION`` events rather than polled."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from qemu.qmp import ConnectError, ExecuteError, QMPClient, QMPError
+from qemu.qmp import ConnectError, ExecuteError, QMPError
+from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from vmfork import retry
 from vmfork.errors import HypervisorError
@@ -17,6 +19,13 @@ from vmfork.layout import short_path
 
 # qemu.qmp logs every disconnect at WARNING/ERROR; our errors carry the facts instead.
 logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
+
+#: What vmfork migrates with: device state only (the RAM is a shared file), and events.
+MIGRATION_CAPABILITIES = [
+    {"capability": "x-ignore-shared", "state": True},
+    {"capability": "events", "state": True},
+]
+_COMMAND_TIMEOUT = 60.0
 
 
 class QMPCommandError(HypervisorError):
@@ -28,9 +37,10 @@ class QMPCommandError(HypervisorError):
 class QMP:
     """One QMP connection. ``with QMP.connect(sock, ...) as q: q.execute("stop")``."""
 
-    def __init__(self, name: str) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._client = QMPClient(name)
+    def __init__(self, sock: Path) -> None:
+        self._mon = QEMUMonitorProtocol(short_path(sock), nickname=sock.parent.parent.name)
+        self._mon.settimeout(_COMMAND_TIMEOUT)
+        self._connected = False
 
     @classmethod
     def connect(
@@ -42,27 +52,23 @@ class QMP:
         on_dead: Callable[[], str] | None = None,
     ) -> QMP:
         """Connect, retrying until the socket answers; fail fast if the VMM died."""
-        q = cls(sock.parent.parent.name)
+        q = cls(sock)
         last: Exception | None = None
         for _ in retry.attempts(timeout):
             if alive is not None and not alive():
-                q.close()
                 why = on_dead() if on_dead else ""
                 raise HypervisorError(f"QEMU exited before its QMP socket answered{': ' + why if why else ''}")
             try:
-                q._run(q._client.connect(short_path(sock)))
+                q._mon.connect()
+                q._connected = True
                 return q
-            except (ConnectError, OSError) as e:
+            except (ConnectError, OSError, EOFError) as e:
                 last = e
-        q.close()
         raise HypervisorError(f"QMP socket {sock} did not answer within {timeout:.0f}s: {last}")
-
-    def _run(self, coro: Any) -> Any:
-        return self._loop.run_until_complete(asyncio.wait_for(coro, 60))
 
     def execute(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
         try:
-            return self._run(self._client.execute(cmd, args))
+            return self._mon.cmd(cmd, **(args or {}))
         except ExecuteError as e:
             raise QMPCommandError(cmd, e.error_class, e.error.error.desc) from None
         except (TimeoutError, QMPError, OSError, EOFError) as e:
@@ -71,7 +77,7 @@ class QMP:
     def pass_fd(self, fd: int, name: str) -> None:
         """Hand ``fd`` to QEMU (SCM_RIGHTS) under ``name``, for URIs like ``fd:<name>``."""
         try:
-            self._client.send_fd_scm(fd)
+            self._mon.send_fd_scm(fd)
         except (QMPError, OSError) as e:
             raise HypervisorError(f"passing a file descriptor to QEMU failed: {e}") from None
         self.execute("getfd", {"fdname": name})
@@ -79,29 +85,39 @@ class QMP:
     def quit(self) -> None:
         """Send 'quit'; QEMU may close the socket before answering, which is fine."""
         try:
-            self._run(self._client.execute("quit"))
+            self._mon.cmd("quit")
         except (TimeoutError, QMPError, OSError, EOFError):
             pass
 
-    def wait_migration(self, timeout: float = 600.0) -> dict[str, Any]:
-        """Poll query-migrate until completed; raise with QEMU's error text if it failed."""
-        status = None
-        for _ in retry.attempts(timeout, first=0.001, cap=0.02):
-            info: dict[str, Any] = self.execute("query-migrate")
-            status = info.get("status")
+    def set_migration_capabilities(self) -> None:
+        self.execute("migrate-set-capabilities", {"capabilities": MIGRATION_CAPABILITIES})
+
+    def wait_migration(self, timeout: float = 600.0) -> None:
+        """Wait for the ``MIGRATION`` event that ends it (with the ``events`` capability
+        set); raise with QEMU's own error text if it failed."""
+        while True:
+            try:
+                event = self._mon.pull_event(wait=float(timeout))
+            except TimeoutError:
+                raise HypervisorError(f"migration did not complete within {timeout:.0f}s") from None
+            except (QMPError, OSError, EOFError) as e:
+                raise HypervisorError(f"QEMU closed QMP during the migration: {e or type(e).__name__}") from None
+            if event is None or event.get("event") != "MIGRATION":
+                continue
+            status = event.get("data", {}).get("status")
             if status == "completed":
-                return info
+                return
             if status in ("failed", "cancelled"):
+                info = self.execute("query-migrate")
                 raise HypervisorError(f"migration {status}: {info.get('error-desc', 'no reason given by QEMU')}")
-        raise HypervisorError(f"migration did not complete within {timeout:.0f}s (status {status})")
 
     def close(self) -> None:
-        try:
-            if self._client.runstate.name != "IDLE":
-                self._run(self._client.disconnect())
-        except Exception:
-            pass
-        self._loop.close()
+        if self._connected:
+            self._connected = False
+            try:
+                self._mon.close()
+            except Exception:
+                pass
 
     def __enter__(self) -> QMP:
         return self
