@@ -4,6 +4,7 @@ migration completion taken from QEMU's ``MIGRATION`` events rather than polled."
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -59,12 +60,24 @@ class QMP:
                 why = on_dead() if on_dead else ""
                 raise HypervisorError(f"QEMU exited before its QMP socket answered{': ' + why if why else ''}")
             try:
-                q._mon.connect()
-                q._connected = True
+                q._greet(max(timeout, 1.0))
                 return q
             except (ConnectError, OSError, EOFError) as e:
                 last = e
         raise HypervisorError(f"QMP socket {sock} did not answer within {timeout:.0f}s: {last}")
+
+    def _greet(self, timeout: float) -> None:
+        """Connect and negotiate, as ``QEMUMonitorProtocol.connect`` does, but bounded: a
+        monitor that accepts and never greets (another client holds it) must not hang us."""
+        mon = self._mon
+        try:
+            mon._sync(mon._qmp.connect(mon._address), timeout)
+        except TimeoutError:
+            with contextlib.suppress(Exception):
+                mon._sync(mon._qmp.disconnect())
+            raise HypervisorError(f"QEMU accepted the QMP connection but did not greet within {timeout:.0f}s "
+                                  "(is another client connected?)") from None
+        self._connected = True
 
     def execute(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
         try:
@@ -92,7 +105,7 @@ class QMP:
     def set_migration_capabilities(self) -> None:
         self.execute("migrate-set-capabilities", {"capabilities": MIGRATION_CAPABILITIES})
 
-    def wait_migration(self, timeout: float = 600.0) -> None:
+    def wait_migration(self, timeout: float = 120.0) -> None:
         """Wait for the ``MIGRATION`` event that ends it (with the ``events`` capability
         set); raise with QEMU's own error text if it failed."""
         while True:
