@@ -36,7 +36,7 @@ def _firecracker(add: Callable[[str, str, str], None], img: Any, progress: Calla
         add("firecracker probe", "warn", "no guest image built yet (run 'vmfork image build'); not probed")
         return
     if cached(fc.version(), img) is None:
-        progress("probing Firecracker with a real boot: does a guest reach userspace? (cached; up to 2 min)")
+        progress("probing Firecracker with a real boot: does a guest reach userspace? (cached; up to 3 min)")
     p = probe_userspace(fc.binary, fc.version(), img)
     add("firecracker probe", "ok" if p.works else "warn",
         p.reason if p.works else f"a guest cannot reach userspace under Firecracker on this host: {p.reason}")

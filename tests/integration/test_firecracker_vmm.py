@@ -36,6 +36,7 @@ from tests.fsutil import loop_fs, loop_fs_unavailable_reason
 from vmfork.errors import HypervisorError
 from vmfork.forkvm import clone_file, clone_tree
 from vmfork.fs import extent_stats, set_cow_extent_size_hint
+from vmfork.hypervisor import fc_vmstate
 from vmfork.hypervisor.base import VMConfig
 from vmfork.hypervisor.firecracker import VSOCK_UDS, FirecrackerHypervisor
 from vmfork.hypervisor.firecracker_api import FirecrackerAPI, FirecrackerUnreachable
@@ -229,6 +230,10 @@ def test_seed_scenario_on_real_firecracker(fc: FcEnv, mem_mib: int, report: list
     smem = src.snapshot_latest / "memory"
     assert smem.stat().st_size == mem_mib << 20
     assert contains(smem, token), "the kernel command line (with the token) is not in guest memory"
+    state = (src.snapshot_latest / "state").read_bytes()
+    fc_vmstate.verify(state)  # vmfork's CRC64 agrees with the real Firecracker's
+    assert b"run/vsock.sock" in state and b"disk.raw" in state and str(src.path).encode() not in state
+    fc_vmstate.verify(fc_vmstate.rewrite(state, {"run/vsock.sock": "run/vsock.s0ck"}))
 
     # 3. fingerprint the source
     before = {f: fingerprint(src.snapshot_latest / f) for f in ("memory", "state")} | {"disk": fingerprint(src.disk)}

@@ -30,7 +30,7 @@ from vmfork.paths import cache_dir
 from vmfork.util import atomic_write_json
 
 CACHE = "firecracker-probe.json"
-DEFAULT_TIMEOUT = 120.0  # the Debian kernel dies ~35-45 s into a boot on a PVM-style KVM
+DEFAULT_TIMEOUT = 180.0  # the Debian kernel dies 35-95 s (by load) into a boot on a PVM-style KVM
 
 
 @dataclass
