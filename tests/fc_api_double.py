@@ -22,10 +22,17 @@ What it models, and how little:
   guest agent (ping, set-time, sync, exec -> exit 0, poweroff) so that the manager's agent waits
   can run. Nothing is executed.
 
+Versions: it speaks the dialect of the version it is made with (``make_fake_firecracker(version=)``),
+as far as vmfork's requests go: no ``PUT /serial`` before 1.14 (the console goes to stdout),
+``/snapshot/load`` refuses ``track_dirty_pages`` before 1.13 and ``vsock_override`` /
+``clock_realtime`` before 1.16, with Firecracker's own messages.
+
 Knobs (environment, inherited from the test): ``FC_DOUBLE_LOG`` (record file),
 ``FC_DOUBLE_FAULTS`` (JSON ``{"PUT /snapshot/create": "message"}``: answer that request with
 400 and this fault_message), ``FC_DOUBLE_ABSOLUTE_PATHS=1`` (write absolute paths into state
-files, as a VMM given absolute paths would).
+files, as a VMM given absolute paths would), ``FC_DOUBLE_DIE_AFTER_START=SECONDS`` (that long
+after ``InstanceStart`` or a load, log what a real v1.12.1 logged when its guest died on a
+PVM-style KVM, and exit 1).
 """
 
 from __future__ import annotations
@@ -143,13 +150,32 @@ FIELDS = {
 }
 
 
-def _check_fields(kind: str, body: Any) -> dict[str, Any]:
+def _version_tuple(v: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in v.split("-")[0].split(".")[:3])
+
+
+def _not_yet(kind: str, version: str) -> set[str]:
+    """Fields the given version does not know yet (from Firecracker's CHANGELOG)."""
+    v = _version_tuple(version)
+    if kind != "snapshot-load":
+        return set()
+    out = set()
+    if v < (1, 13):
+        out.add("track_dirty_pages")
+    if v < (1, 16):
+        out |= {"vsock_override", "clock_realtime"}
+    return out
+
+
+def _check_fields(kind: str, body: Any, version: str = "1.16.1") -> dict[str, Any]:
     if not isinstance(body, dict):
         raise Fault("An error occurred when deserializing the json body of a request: expected a JSON object.")
     required, optional = FIELDS[kind]
+    known = (required | optional) - _not_yet(kind, version)
     for k in body:
-        if k not in required | optional:
-            raise Fault(f"An error occurred when deserializing the json body of a request: unknown field `{k}`.")
+        if k not in known:
+            raise Fault(f"An error occurred when deserializing the json body of a request: unknown field `{k}`, "
+                        f"expected one of {', '.join(f'`{f}`' for f in sorted(known))}.")
     for k in sorted(required):
         if k not in body:
             raise Fault(f"An error occurred when deserializing the json body of a request: missing field `{k}`.")
@@ -270,7 +296,7 @@ class FakeFirecracker:
             return self._drive(path.split("/")[2], _check_fields("drive", body))
         if method == "PUT" and path == "/vsock":
             return self._vsock(_check_fields("vsock", body))
-        if method == "PUT" and path == "/serial":
+        if method == "PUT" and path == "/serial" and _version_tuple(self.version) >= (1, 14):
             return self._serial(_check_fields("serial", body))
         if method == "PUT" and path in ("/logger", "/metrics"):
             self._preboot()
@@ -282,8 +308,8 @@ class FakeFirecracker:
         if method == "PUT" and path == "/snapshot/create":
             return self._create(_check_fields("snapshot-create", body))
         if method == "PUT" and path == "/snapshot/load":
-            return self._load(_check_fields("snapshot-load", body))
-        raise Fault(f"Invalid request method and/or path: {method} {path}.")
+            return self._load(_check_fields("snapshot-load", body, self.version))
+        raise Fault(f"Invalid request method and/or path: {method} {path.lstrip('/')}.")
 
     def _preboot(self) -> None:
         if self.phase != "preboot":
@@ -355,9 +381,26 @@ class FakeFirecracker:
         self.serial_out = b.get("serial_out_path")
 
     def _console(self, text: str) -> None:
+        line = f"[fc_api_double pid {os.getpid()}] {text} (a test double: no guest runs)\n"
         if self.serial_out:
             with open(self.serial_out, "a") as f:
-                f.write(f"[fc_api_double pid {os.getpid()}] {text} (a test double: no guest runs)\n")
+                f.write(line)
+        else:  # Firecracker's default: the serial console goes to stdout
+            sys.stdout.write(line)
+            sys.stdout.flush()
+        die = os.environ.get("FC_DOUBLE_DIE_AFTER_START")
+        if die:
+            threading.Thread(target=self._die, args=(float(die),), daemon=True).start()
+
+    def _die(self, after: float) -> None:
+        time.sleep(after)
+        stamp = "2026-12-01T02:05:26.671307442"
+        print(f"{stamp} [{self.id}:fc_vcpu 0] Received KVM_EXIT_INTERNAL_ERROR signal\n"
+              f"{stamp} [{self.id}:main] Vmm is stopping.\n"
+              f"{stamp} [{self.id}:main] RunWithApiError error: MicroVM stopped with an error: GenericError\n"
+              "Error: RunWithApi(MicroVMStoppedWithError(GenericError))\n"
+              f"{stamp} [{self.id}:main] Firecracker exiting with error. exit_code=1", flush=True)
+        os._exit(1)
 
     # --- start, pause, snapshots ---------------------------------------------------------------
     def _action(self, b: dict[str, Any]) -> None:
@@ -479,7 +522,8 @@ class FakeFirecracker:
                     return
                 line += chunk
             parts = line.split()
-            if len(parts) != 2 or parts[0] != b"CONNECT" or int(parts[1]) != AGENT_PORT or self.phase != "running":
+            if len(parts) != 2 or parts[0] != b"CONNECT" or int(parts[1]) != AGENT_PORT or self.phase != "running" \
+                    or os.environ.get("FC_DOUBLE_DIE_AFTER_START"):  # that guest never reaches userspace
                 return  # Firecracker closes a connection no guest listener accepts
             conn.sendall(b"OK 1073741824\n")
             reader = proto.FrameReader()

@@ -23,7 +23,9 @@ out = Console(highlight=False)
 
 
 def _fail(e: VmforkError) -> NoReturn:
-    err.print(f"[bold red]vmfork: error:[/] {e}", markup=True, soft_wrap=True)
+    from rich.markup import escape
+
+    err.print(f"[bold red]vmfork: error:[/] {escape(str(e))}", markup=True, soft_wrap=True)
     sys.exit(e.exit_code)
 
 
@@ -76,7 +78,8 @@ json_opt = click.option("--json", "as_json", is_flag=True, help="Print machine-r
               default=None, help="Where instances and images live [env VMFORK_DATA_DIR; default ~/.local/share/vmfork].")
 @click.option("-q", "--quiet", is_flag=True, help="No progress messages on stderr.")
 @click.option("--firecracker-bin", type=click.Path(path_type=Path), envvar="VMFORK_FIRECRACKER_BIN",
-              default=None, help="The firecracker binary [env VMFORK_FIRECRACKER_BIN; default: from PATH].")
+              default=None, help="The firecracker binary [env VMFORK_FIRECRACKER_BIN; default: .tools/bin of the project "
+                   "(make setup), else PATH].")
 @click.version_option(__version__, prog_name="vmfork")
 @click.pass_context
 def main(ctx: click.Context, data_dir: Path | None, quiet: bool, firecracker_bin: Path | None) -> None:

@@ -19,6 +19,29 @@ def _latest_image(images: Path) -> Any:
     return built[0] if built else None
 
 
+def _firecracker(add: Callable[[str, str, str], None], img: Any, progress: Callable[[str], None]) -> None:
+    """The binary (where from, version, supported?) and a real boot probe: does a guest reach
+    userspace under it here? (fc_probe.py; cached)"""
+    from vmfork.hypervisor.fc_probe import cached, probe_userspace
+    from vmfork.hypervisor.firecracker import FirecrackerHypervisor
+    from vmfork.hypervisor.firecracker_api import SUPPORTED
+
+    fc = FirecrackerHypervisor()
+    problem = fc.available()
+    if problem:
+        add("firecracker", "warn", f"{problem} (--hypervisor firecracker cannot run here)")
+        return
+    add("firecracker", "ok", f"{fc.binary} (from {fc.source}) v{fc.version()}: in the supported range {SUPPORTED}")
+    if img is None:
+        add("firecracker probe", "warn", "no guest image built yet (run 'vmfork image build'); not probed")
+        return
+    if cached(fc.version(), img) is None:
+        progress("probing Firecracker with a real boot: does a guest reach userspace? (cached; up to 3 min)")
+    p = probe_userspace(fc.binary, fc.version(), img)
+    add("firecracker probe", "ok" if p.works else "warn",
+        p.reason if p.works else f"a guest cannot reach userspace under Firecracker on this host: {p.reason}")
+
+
 def run_checks(data_dir: Path, progress: Callable[[str], None]) -> dict[str, Any]:
     from vmfork.fs import filesystem_type, reflink_supported
     from vmfork.hypervisor.accel import kvm_device_problem, probe_kvm
@@ -57,12 +80,7 @@ def run_checks(data_dir: Path, progress: Callable[[str], None]) -> dict[str, Any
     add("copy-on-write", "ok" if reflink else "warn",
         "FICLONE reflink works: forks share the source's blocks"
         if reflink else f"no reflink on {fs}: forks use a sparse copy (data is copied, holes kept)")
-    from vmfork.hypervisor import get_hypervisor
-
-    fc = get_hypervisor("firecracker")
-    fc_problem = fc.available()
-    add("firecracker", "warn" if fc_problem else "ok",
-        f"{fc_problem} (--hypervisor firecracker cannot run here)" if fc_problem else f"{fc.version()}")
+    _firecracker(add, img, progress)
     for tool in ("busybox", "mkfs.ext4", "cpio", "dpkg-deb", "apt-get", "lz4"):
         path = shutil.which(tool)
         add(tool, "ok" if path else "fail", path or "missing: run 'make setup'")

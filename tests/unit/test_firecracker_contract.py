@@ -2,8 +2,8 @@
 
 Two halves:
 
-- ``SpecValidator``: built from Firecracker's own OpenAPI description (v1.16.1, read from
-  ``../shared/specs/`` beside the repo; tests that need it skip when it is absent). It checks
+- ``SpecValidator``: built from Firecracker's own OpenAPI descriptions (v1.12.1 and v1.16.1,
+  read from ``../shared/specs/`` beside the repo; tests that need one skip when it is absent). It checks
   each recorded request's path (templates with their path parameters), method and JSON body
   (``$ref``s resolved into ``#/definitions``; objects closed to unknown fields, as Firecracker's
   serde structs are), and each answer's status and body against the declared responses.
@@ -15,7 +15,9 @@ Two halves:
 - the real backend (``vmfork.hypervisor.firecracker``), and in one test the real manager,
   spawning ``tests/fc_api_double.py`` — a test double of Firecracker's API on a real unix
   socket — through their real spawn / wait-for-socket / HTTP code, then validating everything
-  the double recorded.
+  the double recorded. Every backend test runs twice: against a double speaking v1.12.1 and
+  validated against the v1.12.1 description, and against one speaking v1.16.1 (validated
+  against v1.16.1).
 """
 
 from __future__ import annotations
@@ -59,7 +61,8 @@ from vmfork.procs import ProcRef
 pytestmark = pytest.mark.timeout(120)
 
 REPO = Path(__file__).resolve().parents[2]
-SPEC_PATH = REPO.parent / "shared" / "specs" / "firecracker-v1.16.1.yaml"
+SPECS = REPO.parent / "shared" / "specs"
+VERSIONS = {"1.12.1": "6.0.0", "1.16.1": "8.0.0"}  # Firecracker version: its snapshot format version
 MEM_MIB = 8
 
 
@@ -256,18 +259,34 @@ def contract_errors(validator: SpecValidator, log: Path) -> list[str]:
     return errors + order_violations(requests)
 
 
-@pytest.fixture(scope="session")
-def validator() -> SpecValidator:
-    if not SPEC_PATH.is_file():
-        pytest.skip(f"Firecracker API spec not found at {SPEC_PATH} (it is kept beside the repo, "
+_VALIDATORS: dict[str, SpecValidator] = {}
+
+
+def validator_for(version: str) -> SpecValidator:
+    path = SPECS / f"firecracker-v{version}.yaml"
+    if not path.is_file():
+        pytest.skip(f"Firecracker API spec not found at {path} (it is kept beside the repo, "
                     "in ../shared/specs/, not in it)")
-    return SpecValidator.load(SPEC_PATH)
+    if version not in _VALIDATORS:
+        _VALIDATORS[version] = SpecValidator.load(path)
+    return _VALIDATORS[version]
+
+
+@pytest.fixture(params=list(VERSIONS), ids=[f"v{v}" for v in VERSIONS])
+def fc_version(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def validator(fc_version: str) -> SpecValidator:
+    return validator_for(fc_version)
 
 
 # =============================================================================================
 # The validator checks itself
 # =============================================================================================
-def test_validator_is_built_from_the_spec(validator: SpecValidator) -> None:
+def test_validator_is_built_from_the_spec() -> None:
+    validator = validator_for("1.16.1")
     assert validator.version == "1.16.1"
     ok = [
         ("GET", "/", None),
@@ -311,6 +330,42 @@ def test_validator_is_built_from_the_spec(validator: SpecValidator) -> None:
     assert validator.check_response("PUT", "/vsock", 400, {"fault_message": "no"}) == []
     assert validator.check_response("GET", "/", 200, {"state": "Asleep"})  # missing fields, bad enum
     assert validator.check_response("PUT", "/vsock", 204, {"unexpected": 1})
+
+
+def test_v1_12_1_validator_refuses_what_the_real_v1_12_1_refused() -> None:
+    """The three rejections issue 10 met on the real v1.12.1 binary, seen by its spec."""
+    v = validator_for("1.12.1")
+    assert v.version == "1.12.1"
+    assert any("no such path" in e for e in v.check_request("PUT", "/serial", {"serial_out_path": "c"}))
+    load = {"snapshot_path": "s", "mem_backend": {"backend_type": "File", "backend_path": "m"}, "resume_vm": False}
+    assert any("track_dirty_pages" in e for e in v.check_request("PUT", "/snapshot/load",
+                                                                 load | {"track_dirty_pages": True}))
+    assert any("vsock_override" in e for e in v.check_request(
+        "PUT", "/snapshot/load", load | {"vsock_override": {"uds_path": "run/vsock.sock"}}))
+    assert v.check_request("PUT", "/snapshot/load", load | {"enable_diff_snapshots": True}) == []
+    v16 = validator_for("1.16.1")  # still accepted there (deprecated), as is the new name
+    assert v16.check_request("PUT", "/snapshot/load", load | {"enable_diff_snapshots": True}) == []
+    assert v16.check_request("PUT", "/snapshot/load", load | {"track_dirty_pages": True}) == []
+
+
+def test_dialects_across_the_supported_range() -> None:
+    from vmfork.hypervisor.firecracker_api import UnsupportedVersion, dialect_for
+
+    shapes = {v: (d.serial_endpoint, d.load_tracking_field, d.vsock_override, d.diff_snapshot_safe(4096))
+              for v in ("1.12.1", "1.13.0", "1.14.2", "1.15.0", "1.16.1") for d in [dialect_for(v)]}
+    assert shapes == {
+        "1.12.1": (False, "enable_diff_snapshots", False, False),
+        "1.13.0": (False, "track_dirty_pages", False, False),
+        "1.14.2": (True, "track_dirty_pages", False, False),
+        "1.15.0": (True, "track_dirty_pages", False, True),
+        "1.16.1": (True, "track_dirty_pages", True, True),
+    }
+    assert dialect_for("v1.12.0-dev").diff_snapshot_safe(3072)  # one memory slot: fine everywhere
+    for bad in ("1.11.0", "1.17.0", "2.0.0"):
+        with pytest.raises(UnsupportedVersion, match=r"supports Firecracker 1\.12 to 1\.16"):
+            dialect_for(bad)
+    with pytest.raises(UnsupportedVersion, match="cannot read a Firecracker version"):
+        dialect_for("Firecracker")
 
 
 def _req(pid: int, method: str, path: str, body: Any = None, status: int = 204) -> dict[str, Any]:
@@ -398,12 +453,13 @@ def _fake_image(d: Path) -> Image:
 
 
 @pytest.fixture
-def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
-    exe = make_fake_firecracker(tmp_path / "bin")
+def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fc_version: str) -> Iterator[Env]:
+    exe = make_fake_firecracker(tmp_path / "bin", version=fc_version, snapshot_version=VERSIONS[fc_version])
     log = tmp_path / "fc-requests.jsonl"
     monkeypatch.setenv("FC_DOUBLE_LOG", str(log))
     monkeypatch.delenv("FC_DOUBLE_FAULTS", raising=False)
     monkeypatch.delenv("FC_DOUBLE_ABSOLUTE_PATHS", raising=False)
+    monkeypatch.delenv("FC_DOUBLE_DIE_AFTER_START", raising=False)
     e = Env(tmp_path, exe, log, _fake_image(tmp_path / "images" / "fake"), FirecrackerHypervisor(str(exe)))
     yield e
     for g in e.guests:
@@ -431,7 +487,7 @@ def test_capabilities_and_command_line(env: Env) -> None:
     line = env.hv.kernel_cmdline("kvm", "web-1").split()
     assert {"console=ttyS0", "reboot=k", "panic=1", "pci=off", "vmfork.hostname=web-1",
             f"vmfork.agent_port={AGENT_PORT}"} <= set(line)
-    assert (env.hv.version(), env.hv.snapshot_version()) == ("1.16.1", "8.0.0")
+    assert env.hv.version() in VERSIONS and env.hv.snapshot_version() == VERSIONS[env.hv.version()]
 
 
 def test_binary_from_env_and_missing_binary(env: Env, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -441,9 +497,90 @@ def test_binary_from_env_and_missing_binary(env: Env, monkeypatch: pytest.Monkey
     missing = FirecrackerHypervisor(str(tmp_path / "nowhere" / "firecracker"))
     reason = missing.available()
     assert reason and "not found" in reason and "VMFORK_FIRECRACKER_BIN" in reason
-    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    from vmfork.hypervisor import firecracker as fc_mod
+
+    # after the env: the project's tools dir (make setup), before PATH
+    tools = tmp_path / "tools"
+    make_fake_firecracker(tools, version="1.12.1", snapshot_version="6.0.0")
+    monkeypatch.setattr(fc_mod, "TOOLS_BIN", tools)
+    assert FirecrackerHypervisor().binary == str(env.exe)  # the env still wins
     monkeypatch.delenv("VMFORK_FIRECRACKER_BIN")
-    assert "firecracker not found" in str(FirecrackerHypervisor().available())
+    hv = FirecrackerHypervisor()
+    assert (hv.binary, hv.source, hv.version()) == (str(tools / "firecracker"), "the project's tools dir", "1.12.1")
+    monkeypatch.setattr(fc_mod, "TOOLS_BIN", tmp_path / "no-tools")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    reason = str(FirecrackerHypervisor().available())
+    assert "firecracker (PATH) not found" in reason and "make setup" in reason and "--firecracker-bin" in reason
+
+
+def test_a_firecracker_outside_the_range_is_refused(tmp_path: Path) -> None:
+    for version in ("1.11.2", "1.17.0"):
+        hv = FirecrackerHypervisor(str(make_fake_firecracker(tmp_path / version, version=version)))
+        reason = hv.available()
+        assert reason and f"Firecracker {version} is not supported" in reason and "1.12 to 1.16" in reason
+
+
+def test_each_version_gets_its_own_request_shapes(env: Env, validator: SpecValidator) -> None:
+    """Boot, Full, restore (load), Diff: what was sent depends on the version the VMM told."""
+    g = env.guest("src000000001")
+    cfg = env.cfg("src000000001")
+    proc = env.hv.boot(g, cfg, env.image)
+    env.standby(g, cfg, proc)
+    proc = env.restore(g, cfg)
+    env.standby(g, cfg, proc)
+    reqs = env.records()
+    paths = [(r["method"], r["path"]) for r in reqs]
+    assert paths.count(("GET", "/version")) == 2  # once per VMM process
+    loads = [r["body"] for r in reqs if r["path"] == "/snapshot/load"]
+    assert len(loads) == 1 and all(r["status"] < 400 for r in reqs)
+    if env.hv.version() == "1.12.1":
+        assert ("PUT", "/serial") not in paths
+        assert loads[0]["enable_diff_snapshots"] is True and "track_dirty_pages" not in loads[0]
+        assert "vsock_override" not in loads[0]
+        assert b"InstanceStart" in g.vmm_log.read_bytes()  # the console went to stdout: logs/vmm.log
+    else:
+        assert paths.count(("PUT", "/serial")) == 2
+        assert loads[0]["track_dirty_pages"] is True and "enable_diff_snapshots" not in loads[0]
+        assert loads[0]["vsock_override"] == {"uds_path": VSOCK_UDS}
+        assert b"InstanceStart" in g.console_log.read_bytes()
+    assert cfg.extra["fc_snapshot_type"] == "Diff"
+    assert contract_errors(validator, env.log) == []
+
+
+def test_no_diff_of_a_guest_over_3_gib_before_v1_15(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Firecracker < 1.15 wrote corrupt Diffs of guests with two memory slots (#5705): Full instead."""
+    monkeypatch.setenv("FC_DOUBLE_LOG", str(tmp_path / "log.jsonl"))
+    for version, want in (("1.14.0", "Full"), ("1.15.0", "Diff")):
+        exe = make_fake_firecracker(tmp_path / version, version=version, snapshot_version="7.0.0")
+        e = Env(tmp_path / f"e{version}", exe, tmp_path / "log.jsonl", _fake_image(tmp_path / f"img{version}"),
+                FirecrackerHypervisor(str(exe)))
+        g = e.guest("src000000001")
+        cfg = e.cfg("src000000001")
+        cfg.memory_mib = 3100
+        e.standby(g, cfg, e.hv.boot(g, cfg, e.image))
+        proc = e.restore(g, cfg)
+        e.standby(g, cfg, proc)
+        assert cfg.extra["fc_snapshot_type"] == want, version
+        assert (g.snapshot_latest / "memory").stat().st_size == 3100 << 20
+
+
+@pytest.mark.parametrize("fc_version", ["1.12.1"])
+def test_without_vsock_override_a_state_naming_another_socket_is_refused(env: Env, tmp_path: Path) -> None:
+    """The fallback before v1.16 (no vsock_override) holds only for a relative uds_path: a
+    state naming a socket elsewhere is refused after the load, and nothing runs."""
+    assert not env.hv.dialect().vsock_override
+    g = env.guest("src000000001")
+    cfg = env.cfg("src000000001")
+    env.standby(g, cfg, env.hv.boot(g, cfg, env.image))
+    state = g.snapshot_latest / "state"
+    _, version, content = parse_state(state.read_bytes())
+    content["vsock"]["uds_path"] = str(tmp_path / "somewhere-else.sock")
+    state.write_bytes(build_state(version, content))
+    os.rename(g.snapshot_latest, g.restoring)
+    with pytest.raises(HypervisorError, match=r"without binding .*run/vsock\.sock.*refusing to run it"):
+        env.hv.restore(g, cfg, env.image, g.restoring)
+    pid = json.loads(g.vmm_json.read_text())["pid"]
+    assert not ProcRef.of(pid).alive() if Path(f"/proc/{pid}").exists() else True
 
 
 def test_boot_full_restore_diff_lifecycle(env: Env, validator: SpecValidator) -> None:
@@ -460,8 +597,8 @@ def test_boot_full_restore_diff_lifecycle(env: Env, validator: SpecValidator) ->
     env.standby(g, cfg, proc)
     assert not proc.alive()
     snap = g.snapshot_latest
-    assert cfg.extra["fc_snapshot_type"] == "Full" and cfg.extra["fc_snapshot_version"] == "8.0.0"
-    assert cfg.vmm_version == "1.16.1"
+    assert cfg.extra["fc_snapshot_type"] == "Full" and cfg.extra["fc_snapshot_version"] == VERSIONS[cfg.vmm_version]
+    assert cfg.vmm_version == env.hv.version()
     assert (snap / "memory").stat().st_size == MEM_MIB << 20
     assert read_page(snap / "memory", 7) == b"before the first standby"
     fc_vmstate.verify((snap / "state").read_bytes())  # our CRC64 agrees with the double's
@@ -542,7 +679,10 @@ def test_fork_restore_gets_its_own_files_and_never_touches_the_source(
     else:
         assert fork_state == src_state  # nothing in it names an instance: no rewrite needed
     load = next(r for r in env.records(pid=proc.pid) if r["path"] == "/snapshot/load")["body"]
-    assert load["vsock_override"] == {"uds_path": VSOCK_UDS}
+    if env.hv.dialect().vsock_override:
+        assert load["vsock_override"] == {"uds_path": VSOCK_UDS}
+    else:  # the fallback: the relative uds_path in the state, bound in the fork's own dir
+        assert "vsock_override" not in load and (fork.path / VSOCK_UDS).is_socket()
     assert load["mem_backend"]["backend_path"] == "snapshots/.restoring/memory"
     opened = _opened_by(env, proc.pid)
     assert opened and all(p.startswith((str(fork.path) + "/", str(env.image.dir) + "/")) for p in opened), opened
@@ -748,7 +888,7 @@ def test_manager_run_standby_fork_restore_against_the_double(
         m.standby("f1")
         assert fingerprint(src.g.snapshot_latest / "memory") == before
         cfg = json.loads((fork.g.snapshot_latest / "config.json").read_text())
-        assert cfg["extra"]["fc_snapshot_type"] == "Diff" and cfg["vmm_version"] == "1.16.1"
+        assert cfg["extra"]["fc_snapshot_type"] == "Diff" and cfg["vmm_version"] == env.hv.version()
         assert read_page(fork.g.snapshot_latest / "memory", 20) == b"source"
         assert read_page(fork.g.snapshot_latest / "memory", 21) == b"fork"
         m.rm("f1")
@@ -761,6 +901,34 @@ def test_manager_run_standby_fork_restore_against_the_double(
         for inst in m.instances():
             m.rm(inst.name, force=True)
     assert contract_errors(validator, env.log) == []
+
+
+@pytest.mark.parametrize("fc_version", ["1.12.1"])
+def test_a_failed_run_names_the_vmms_own_error_and_keeps_its_log(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The VMM dies after InstanceStart (the double logs what the real v1.12.1 logged on this
+    host): the error carries Firecracker's own lines, the log is kept, the instance is gone."""
+    from vmfork.errors import AgentError
+    from vmfork.images import load_image
+    from vmfork.instances import manager as mgr_mod
+
+    monkeypatch.setenv("VMFORK_FIRECRACKER_BIN", str(env.exe))
+    monkeypatch.setenv("FC_DOUBLE_DIE_AFTER_START", "0.5")
+    m = mgr_mod.Manager(env.root / "data")
+    env.image.dir.rename(m.dd.images / env.image.digest[:16])
+    image = load_image(m.dd.images, env.image.digest)
+    monkeypatch.setattr(mgr_mod, "ensure_image", lambda *a, **k: image)
+    monkeypatch.setattr(mgr_mod, "resolve_accel", lambda *a, **k: ("kvm", "test double"))
+    with pytest.raises(AgentError) as ei:
+        m.run("dies", memory_mib=MEM_MIB, hypervisor="firecracker")
+    msg = str(ei.value)
+    assert "the firecracker VMM stopped before the guest agent answered after boot" in msg
+    assert "fc_vcpu 0: Received KVM_EXIT_INTERNAL_ERROR signal" in msg
+    assert "\n" not in msg and "2026-12-01T" not in msg  # one line, no timestamps
+    kept = Path(msg.rsplit("(VMM log kept in ", 1)[1].rstrip(")"))
+    assert kept.parent == m.dd.root / "failed-runs" and b"KVM_EXIT_INTERNAL_ERROR" in kept.read_bytes()
+    assert m.instances() == [] and [p.name for p in m.dd.guests.iterdir()] == []
 
 
 def test_api_socket_wait_fails_fast_when_the_vmm_dies(env: Env, tmp_path: Path) -> None:

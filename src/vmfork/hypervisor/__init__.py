@@ -35,6 +35,14 @@ def resolve_accel(hv: Hypervisor, image: Image, requested: str,
         problem = kvm_device_problem()
         if problem or requested == "tcg":
             raise HypervisorError(f"firecracker needs a working KVM: {problem or 'TCG was requested'}")
+        from vmfork.hypervisor.fc_probe import cached, probe_userspace
+
+        if progress and cached(hv.version(), image) is None:
+            progress("checking whether a guest reaches userspace under Firecracker (a boot probe, cached)")
+        fc_probe = probe_userspace(getattr(hv, "binary", "firecracker"), hv.version(), image)
+        if not fc_probe.works:
+            raise HypervisorError(f"firecracker cannot run a guest on this host: {fc_probe.reason} "
+                                  "(see 'vmfork doctor')")
         return "kvm", "firecracker always uses KVM"
     if requested == "tcg":
         return "tcg", "forced with --accel tcg"

@@ -153,3 +153,7 @@ class Hypervisor(ABC):
     def status(self, g: GuestDir, proc: ProcRef) -> str:
         """Fine-grained VMM status (running/paused); default: running."""
         return "running"
+
+    def vmm_log_tail(self, g: GuestDir) -> str:
+        """The VMM's own last words (why it stopped), for an error message."""
+        return tail(g.vmm_log, 3)

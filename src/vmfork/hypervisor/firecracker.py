@@ -1,14 +1,19 @@
 """Firecracker backend: one ``firecracker --api-sock run/fc.sock`` process per running instance.
 
-Written against Firecracker's API description v1.16.1 (the tests validate every request
-against it). No Firecracker VM has been run with this code on the machines it was written on
-(no KVM there); see the README's Firecracker section for what is and is not verified.
+Speaks Firecracker 1.12 to 1.16: each VMM process is asked ``GET /version`` once, and sent
+the request shapes its version takes (``firecracker_api.Dialect``; the tests validate every
+request against the v1.12.1 and v1.16.1 API descriptions). Run against the real v1.12.1
+binary here; see the README's Firecracker section for what is and is not verified.
+
+The binary: ``--firecracker-bin`` / ``VMFORK_FIRECRACKER_BIN``, else the project's tools dir
+(``.tools/bin/firecracker``, installed by ``make setup``), else ``firecracker`` on PATH.
 
 Files, all relative to the guest dir, which is the VMM's working directory::
 
     run/fc.sock         API socket            run/vsock.sock   hybrid vsock (agent, port 52)
-    logs/vmm.log        stdout/stderr         logs/console.log serial console (PUT /serial)
-    disk.raw            data drive            run/fc-base.json what the running VM was restored from
+    logs/vmm.log        stdout/stderr         logs/console.log serial console (PUT /serial, v1.14+;
+    disk.raw            data drive                             before v1.14 it is in logs/vmm.log)
+    run/fc-base.json    what the running VM was restored from
 
 Guest RAM is anonymous (boot) or a MAP_PRIVATE mapping of the snapshot's mem-file (restore),
 so there is no RAM file to move: standby writes ``memory`` + ``state`` with
@@ -27,8 +32,13 @@ running in the fork's dir, opens the fork's own disk and binds the fork's own so
 source is never touched. Firecracker documents that restored resources must be reachable "at
 the same relative paths" by the new process. The read-only rootfs, kernel and initrd are
 absolute paths into the shared, content-addressed image dir, the same for every fork. On top
-of that, every restore passes ``vsock_override`` (the only device override v1.16.1 offers
-besides ``network_overrides``, which is not needed until vmfork has networking). Should a state
+of that, every restore passes ``vsock_override`` where it exists (v1.16+; the only device
+override besides ``network_overrides``, which is not needed until vmfork has networking).
+Before v1.16 the fallback is the relative ``uds_path`` itself: the VMM binds it in its own
+working directory, the fork's dir; the restore checks afterwards that the socket is there
+(and the VMM-level test proves, with SO_PEERCRED, that the fork's VMM is the one listening on
+it). Diff snapshots of guests over 3 GiB are not taken before v1.15 (Firecracker wrote them
+corrupt, #5705): such a standby writes a Full snapshot instead. Should a state
 nevertheless name another instance's dir by absolute path (written by something else, or by a
 future change), restore rewrites ``guests/<other id>/`` to ``guests/<own id>/`` (ids have one
 length) in a private copy of the state, checksum verified before and after (fc_vmstate.py).
@@ -52,8 +62,15 @@ from vmfork import retry
 from vmfork.errors import HypervisorError, VmforkError, WrongState
 from vmfork.guest.agent import AgentClient
 from vmfork.hypervisor import fc_vmstate
-from vmfork.hypervisor.base import Capabilities, Hypervisor, VMConfig, spawn_vmm, tail
-from vmfork.hypervisor.firecracker_api import CONFIG_TIMEOUT, FirecrackerAPI, FirecrackerUnreachable
+from vmfork.hypervisor.base import Capabilities, Hypervisor, VMConfig, spawn_vmm
+from vmfork.hypervisor.firecracker_api import (
+    CONFIG_TIMEOUT,
+    SUPPORTED,
+    Dialect,
+    FirecrackerAPI,
+    FirecrackerUnreachable,
+    dialect_for,
+)
 from vmfork.images import Image
 from vmfork.layout import GuestDir, short_path
 from vmfork.procs import ProcRef
@@ -68,6 +85,21 @@ DATA_DISK = "disk.raw"
 BASE_RECORD = "fc-base.json"  # in run/
 AGENT_PORT = 52  # the guest agent's AF_VSOCK port (agent.c: vmfork.agent_port, default 52)
 API_READY_TIMEOUT = 10.0
+# The project's tools dir (make setup installs the pinned Firecracker there): <repo>/.tools/bin
+TOOLS_BIN = Path(__file__).resolve().parents[3] / ".tools" / "bin"
+
+
+def find_binary(requested: str | None = None) -> tuple[str, str]:
+    """(the binary to run, where it came from): explicit > env > tools dir > PATH."""
+    if requested:
+        return requested, "--firecracker-bin"
+    env = os.environ.get(ENV_BINARY)
+    if env:
+        return env, ENV_BINARY
+    tools = TOOLS_BIN / BINARY
+    if os.access(tools, os.X_OK):
+        return str(tools), "the project's tools dir"
+    return BINARY, "PATH"
 
 
 class FirecrackerHypervisor(Hypervisor):
@@ -76,19 +108,29 @@ class FirecrackerHypervisor(Hypervisor):
                                 restore_consumes_snapshot=False)
 
     def __init__(self, binary: str | None = None) -> None:
-        self.requested = binary or os.environ.get(ENV_BINARY) or BINARY
+        self.requested, self.source = find_binary(binary)
         found = shutil.which(self.requested)
         # The VMM runs in the guest dir: a relative binary path must be made absolute here.
         self.binary = os.path.abspath(found) if found else self.requested
+        self._dialects: dict[tuple[int, int], Dialect] = {}  # per VMM process (pid, start)
 
     def available(self) -> str | None:
         if shutil.which(self.requested) is None:
-            return (f"{self.requested} not found or not executable (install Firecracker and put it on "
-                    f"PATH, or set {ENV_BINARY} to its path)")
+            return (f"{self.requested} ({self.source}) not found or not executable: run 'make setup' "
+                    f"(installs Firecracker into {TOOLS_BIN}), or point --firecracker-bin or "
+                    f"{ENV_BINARY} at a Firecracker {SUPPORTED}")
+        try:
+            dialect_for(self.version())
+        except HypervisorError as e:
+            return f"{self.binary}: {e}"
         return None
 
     def version(self) -> str:
         return _fc_version(self.binary)
+
+    def dialect(self) -> Dialect:
+        """The dialect of this binary (from ``--version``); refuses one outside the range."""
+        return dialect_for(self.version())
 
     def snapshot_version(self) -> str:
         """The snapshot data format version this binary writes (``firecracker --snapshot-version``)."""
@@ -142,21 +184,43 @@ class FirecrackerHypervisor(Hypervisor):
         for _ in retry.attempts(timeout):
             if not proc.alive():
                 api.close()
-                detail = tail(g.vmm_log, 3)
+                detail = self.vmm_log_tail(g)
                 raise HypervisorError("Firecracker exited before its API socket answered"
                                       + (f": {detail}" if detail else ""))
             try:
                 api.describe_instance()
-                return api
             except FirecrackerUnreachable as e:
                 last = e
+                continue
+            try:  # once per VMM process: the request shapes of its version
+                self._dialects[(proc.pid, proc.start)] = api.negotiate()
+            except HypervisorError:
+                api.close()
+                raise
+            return api
         api.close()
         raise HypervisorError(f"Firecracker's API socket did not answer within {timeout:.0f}s: {last}")
 
+    def _api_of(self, g: GuestDir, proc: ProcRef, timeout: float = CONFIG_TIMEOUT) -> FirecrackerAPI:
+        """A client of a running VMM, with the dialect it told (asked once per process)."""
+        api = self._api(g, timeout)
+        api.dialect = self._dialects.get((proc.pid, proc.start))
+        if api.dialect is None:
+            try:
+                self._dialects[(proc.pid, proc.start)] = api.negotiate()
+            except HypervisorError:
+                api.close()
+                raise
+        return api
+
     def _fail(self, g: GuestDir, proc: ProcRef, what: str, err: Exception) -> HypervisorError:
         proc.kill()
-        detail = tail(g.vmm_log, 3)
+        detail = self.vmm_log_tail(g)
         return HypervisorError(f"{what}: {err}" + (f" (Firecracker: {detail})" if detail and detail not in str(err) else ""))
+
+    def vmm_log_tail(self, g: GuestDir, lines: int = 4) -> str:
+        """The last error lines of the last Firecracker process in ``logs/vmm.log``."""
+        return vmm_error_lines(g.vmm_log, lines)
 
     def _cid(self, g: GuestDir) -> int:
         try:
@@ -171,7 +235,8 @@ class FirecrackerHypervisor(Hypervisor):
         proc = self._spawn(g, cfg)
         try:
             with self._api_ready(g, proc) as api:
-                api.put_serial(serial_out_path=CONSOLE)
+                if api.known_dialect().serial_endpoint:  # before v1.14: the console goes to stdout (vmm.log)
+                    api.put_serial(serial_out_path=CONSOLE)
                 api.put_boot_source(_abs(image.vmlinux), initrd_path=_abs(image.initramfs), boot_args=cfg.cmdline)
                 api.put_machine_config(vcpu_count=cfg.vcpus, mem_size_mib=cfg.memory_mib, track_dirty_pages=True)
                 # The guest finds its disks by filesystem label; neither is "the root device"
@@ -188,7 +253,9 @@ class FirecrackerHypervisor(Hypervisor):
              state_written: Callable[[], None] | None = None) -> None:
         base_mem = g.snapshot_base / "memory"
         mem, state = into / "memory", into / "state"
-        diff = self._diff_base_ok(g, cfg, proc, base_mem)
+        with self._api_of(g, proc) as api:
+            dialect = api.known_dialect()
+        diff = self._diff_base_ok(g, cfg, proc, base_mem) and dialect.diff_snapshot_safe(cfg.memory_mib)
         fc_version, snapshot_version = self.version(), self.snapshot_version()  # before pausing
         if diff:  # while the guest still runs: it never writes to the file it was restored from
             try:
@@ -196,7 +263,7 @@ class FirecrackerHypervisor(Hypervisor):
             except (OSError, VmforkError) as e:
                 raise HypervisorError(f"standby failed, guest left running: cannot give {base_mem} "
                                       f"an inode of its own for a Diff snapshot: {e}") from None
-        with self._api(g) as api:
+        with self._api_of(g, proc) as api:
             try:
                 api.patch_vm("Paused")
             except HypervisorError as e:
@@ -243,9 +310,13 @@ class FirecrackerHypervisor(Hypervisor):
         proc = self._spawn(g, cfg)
         try:
             with self._api_ready(g, proc) as api:
-                api.put_serial(serial_out_path=CONSOLE)  # allowed before a load (not a boot resource)
+                dialect = api.known_dialect()
+                if dialect.serial_endpoint:  # allowed before a load (not a boot resource)
+                    api.put_serial(serial_out_path=CONSOLE)
                 api.load_snapshot(snapshot_path=_rel(g, state), mem_file=_rel(g, mem), track_dirty_pages=True,
-                                  resume_vm=False, vsock_uds_path=VSOCK_UDS)
+                                  resume_vm=False, vsock_uds_path=VSOCK_UDS if dialect.vsock_override else None)
+                if not dialect.vsock_override:
+                    self._check_own_vsock(g, dialect)
                 if before_resume is not None:
                     before_resume()
                 api.patch_vm("Resumed")
@@ -255,6 +326,16 @@ class FirecrackerHypervisor(Hypervisor):
         atomic_write_json(g.run / BASE_RECORD, {"pid": proc.pid, "start": proc.start, "dev": st.st_dev,
                                                 "ino": st.st_ino}, durable=False)
         return proc
+
+    def _check_own_vsock(self, g: GuestDir, dialect: Dialect) -> None:
+        """Without ``vsock_override`` (before v1.16) the VMM binds the ``uds_path`` the state
+        names; vmfork's is relative, so it must now be a socket in this guest's own dir."""
+        sock = g.path / VSOCK_UDS
+        if not sock.is_socket():
+            raise HypervisorError(
+                f"Firecracker {dialect.name} restored the snapshot without binding {sock} (it has no "
+                "vsock_override before v1.16, and the snapshot's vsock path is not this instance's "
+                f"relative {VSOCK_UDS}); refusing to run it")
 
     def _own_state_paths(self, g: GuestDir, state: Path) -> None:
         """Point absolute paths into another instance's dir at this one (see the module doc)."""
@@ -289,7 +370,7 @@ class FirecrackerHypervisor(Hypervisor):
     def resume(self, g: GuestDir, proc: ProcRef) -> bool:
         if self.status(g, proc) != "paused":
             return False
-        with self._api(g) as api:
+        with self._api_of(g, proc) as api:
             api.patch_vm("Resumed")
         return True
 
@@ -356,6 +437,37 @@ def _mapped_by_others(st: os.stat_result, own_pid: int) -> bool:
         except OSError:
             continue
     return False
+
+
+_LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\dT[\d:.]+ \[(?:[^:\]]*:)?([^\]]*)\] (.*)$")
+_NOTABLE = re.compile(r"error|fail|panic|fault|signal|KVM_EXIT|exiting|unable|cannot|denied", re.IGNORECASE)
+
+
+def vmm_error_lines(log: Path, lines: int = 4, width: int = 240) -> str:
+    """The notable lines Firecracker logged in its last run (after the last ``--- argv``
+    header spawn_vmm writes), as ``thread: message | ...``; timestamps and instance ids
+    dropped. Before v1.14 the guest console shares this file: lines are bounded and escaped."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 256 * 1024))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    run = text[text.rfind("\n--- ") + 1:] if "\n--- " in text else text
+    picked: list[str] = []
+    rest: list[str] = []
+    for raw in run.splitlines()[1 if run.startswith("--- ") else 0:]:
+        line = raw.strip()
+        if not line:
+            continue
+        m = _LOG_LINE.match(line)
+        shown = f"{m.group(1)}: {m.group(2)}" if m else line
+        shown = shown.encode("unicode_escape", "backslashreplace").decode("ascii")[:width]
+        rest.append(shown)
+        if (m or line.startswith("Error")) and _NOTABLE.search(shown) and shown not in picked:
+            picked.append(shown)
+    return " | ".join((picked or rest)[-lines:])
 
 
 def _semver(v: str) -> tuple[int, int, int] | None:

@@ -2,12 +2,26 @@
 
 Method names, paths and body fields follow Firecracker's OpenAPI description
 (``src/firecracker/swagger/firecracker.yaml``; the tests validate every request against
-v1.16.1). Optional fields are sent only when given. A refusal (4xx/5xx) raises
+v1.12.1 and v1.16.1). Optional fields are sent only when given. A refusal (4xx/5xx) raises
 FirecrackerAPIError whose message carries Firecracker's ``fault_message`` verbatim.
+
+The request shapes differ between Firecracker versions; ``Dialect`` holds every difference
+vmfork depends on, in this one place (from Firecracker's CHANGELOG, checked against the
+v1.12.1 and v1.16.1 API descriptions and, for v1.12.1, against the real binary):
+
+- ``PUT /serial`` exists from v1.14.0 (#5350). Before, the guest's serial console goes to
+  the process's stdout, as Firecracker does by default.
+- ``/snapshot/load`` takes ``track_dirty_pages`` from v1.13.0 (#5274), which deprecates
+  ``enable_diff_snapshots``; v1.12 refuses the new name ("unknown field").
+- ``/snapshot/load`` takes ``vsock_override`` from v1.16.0 (#5323).
+- A ``Diff`` snapshot of a VM with more than one memory slot (x86: more than 3 GiB of RAM)
+  was written corrupt before v1.15.0 (#5705).
 """
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 from urllib.parse import quote
@@ -18,6 +32,62 @@ from vmfork.errors import HypervisorError
 
 CONFIG_TIMEOUT = 10.0  # configuration calls return at once
 SNAPSHOT_TIMEOUT = 600.0  # writing or mapping guest memory can take a while
+
+
+# Supported: every release 1.12.x to 1.16.x (major.minor, inclusive).
+MIN_VERSION = (1, 12)
+MAX_VERSION = (1, 16)
+SUPPORTED = f"{MIN_VERSION[0]}.{MIN_VERSION[1]} to {MAX_VERSION[0]}.{MAX_VERSION[1]}"
+SINGLE_SLOT_MIB = 3072  # x86: guest RAM above this is split into two memory slots
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """What one Firecracker version accepts, where versions differ (see the module doc)."""
+
+    version: tuple[int, int, int]
+
+    @property
+    def serial_endpoint(self) -> bool:
+        return self.version >= (1, 14, 0)
+
+    @property
+    def load_tracking_field(self) -> str:
+        return "track_dirty_pages" if self.version >= (1, 13, 0) else "enable_diff_snapshots"
+
+    @property
+    def vsock_override(self) -> bool:
+        return self.version >= (1, 16, 0)
+
+    def diff_snapshot_safe(self, mem_mib: int) -> bool:
+        """Does this version write a correct Diff of a guest of this size?"""
+        return self.version >= (1, 15, 0) or mem_mib <= SINGLE_SLOT_MIB
+
+    @property
+    def name(self) -> str:
+        return ".".join(map(str, self.version))
+
+
+class UnsupportedVersion(HypervisorError):
+    """A Firecracker outside the supported range (or one whose version cannot be read)."""
+
+
+def parse_version(text: str) -> tuple[int, int, int] | None:
+    m = re.search(r"(\d+)\.(\d+)\.(\d+)", text)
+    return (int(m.group(1)), int(m.group(2)), int(m.group(3))) if m else None
+
+
+def dialect_for(version: str) -> Dialect:
+    """The dialect of ``version`` ("1.12.1", "v1.16.1-dev"); UnsupportedVersion outside the range."""
+    v = parse_version(version)
+    if v is None:
+        raise UnsupportedVersion(f"cannot read a Firecracker version from {version.strip()[:80]!r}; "
+                                 f"vmfork supports Firecracker {SUPPORTED}")
+    if not MIN_VERSION <= v[:2] <= MAX_VERSION:
+        raise UnsupportedVersion(f"Firecracker {'.'.join(map(str, v))} is not supported: vmfork supports "
+                                 f"Firecracker {SUPPORTED} (point --firecracker-bin or VMFORK_FIRECRACKER_BIN "
+                                 "at one of those)")
+    return Dialect(v)
 
 
 class FirecrackerUnreachable(HypervisorError):
@@ -35,8 +105,9 @@ class FirecrackerAPIError(HypervisorError):
 class FirecrackerAPI:
     """One client per VMM: ``with FirecrackerAPI(sock) as api: api.patch_vm("Paused")``."""
 
-    def __init__(self, sock: str, timeout: float = CONFIG_TIMEOUT) -> None:
+    def __init__(self, sock: str, timeout: float = CONFIG_TIMEOUT, dialect: Dialect | None = None) -> None:
         self.sock = sock
+        self.dialect = dialect  # set by negotiate(), or given by a caller that asked before
         self._client = httpx.Client(
             transport=httpx.HTTPTransport(uds=sock),
             base_url="http://localhost",
@@ -92,6 +163,16 @@ class FirecrackerAPI:
         """``GET /version``: the ``firecracker_version`` string."""
         return str(self.call("GET", "/version")["firecracker_version"])
 
+    def negotiate(self) -> Dialect:
+        """Ask ``GET /version`` and keep the dialect of the answer (refuses an unsupported one)."""
+        self.dialect = dialect_for(self.get_version())
+        return self.dialect
+
+    def known_dialect(self) -> Dialect:
+        if self.dialect is None:
+            return self.negotiate()
+        return self.dialect
+
     def put_boot_source(self, kernel_image_path: str, *, initrd_path: str | None = None,
                         boot_args: str | None = None) -> None:
         body: dict[str, Any] = {"kernel_image_path": kernel_image_path}
@@ -128,6 +209,9 @@ class FirecrackerAPI:
         self.call("PUT", "/vsock", {"guest_cid": guest_cid, "uds_path": uds_path})
 
     def put_serial(self, *, serial_out_path: str) -> None:
+        """``PUT /serial`` (v1.14+; callers check ``dialect.serial_endpoint`` first)."""
+        if not self.known_dialect().serial_endpoint:
+            raise HypervisorError(f"Firecracker {self.known_dialect().name} has no PUT /serial (v1.14+)")
         self.call("PUT", "/serial", {"serial_out_path": serial_out_path})
 
     def instance_start(self) -> None:
@@ -146,14 +230,21 @@ class FirecrackerAPI:
     def load_snapshot(self, *, snapshot_path: str, mem_file: str, track_dirty_pages: bool,
                       resume_vm: bool, vsock_uds_path: str | None = None,
                       network_overrides: dict[str, str] | None = None) -> None:
-        """``PUT /snapshot/load`` with a ``File`` memory backend; only on a fresh process."""
+        """``PUT /snapshot/load`` with a ``File`` memory backend; only on a fresh process.
+
+        Dirty-page tracking is sent under the name this version takes; ``vsock_uds_path``
+        only where ``vsock_override`` exists (v1.16+: callers check ``dialect.vsock_override``).
+        """
+        d = self.known_dialect()
         body: dict[str, Any] = {
             "snapshot_path": snapshot_path,
             "mem_backend": {"backend_type": "File", "backend_path": mem_file},
-            "track_dirty_pages": track_dirty_pages,
+            d.load_tracking_field: track_dirty_pages,
             "resume_vm": resume_vm,
         }
         if vsock_uds_path is not None:
+            if not d.vsock_override:
+                raise HypervisorError(f"Firecracker {d.name} has no vsock_override on snapshot load (v1.16+)")
             body["vsock_override"] = {"uds_path": vsock_uds_path}
         if network_overrides:
             body["network_overrides"] = [

@@ -373,10 +373,28 @@ class Manager:
                 self._boot(inst, image)
                 crashpoint("run:booted")
                 self._set_metadata(inst, pending=None)
-            except BaseException:
+            except BaseException as e:
+                kept = self._keep_failed_log(inst)
                 self._destroy(inst)
+                if kept is not None and isinstance(e, VmforkError):
+                    e.args = (f"{e} (VMM log kept in {kept})",)
                 raise
         return inst
+
+    def _keep_failed_log(self, inst: Instance) -> Path | None:
+        """Copy a failed run's VMM log out of the instance about to be removed (the last 10 kept)."""
+        if not inst.g.vmm_log.is_file() or inst.g.vmm_log.stat().st_size == 0:
+            return None
+        failed = self.dd.root / "failed-runs"
+        try:
+            failed.mkdir(exist_ok=True)
+            dst = failed / f"{inst.name}-{inst.id}.vmm.log"
+            shutil.copyfile(inst.g.vmm_log, dst)
+            for old in sorted(failed.glob("*.vmm.log"), key=lambda f: f.stat().st_mtime)[:-10]:
+                old.unlink(missing_ok=True)
+        except OSError:
+            return None
+        return dst
 
     def _config(self, inst: Instance, hv: Hypervisor) -> VMConfig:
         return VMConfig(
@@ -409,7 +427,12 @@ class Manager:
                     self._set_metadata(inst, identity_applied=True)
             return {"agent_ping_s": t_ping - t0, "agent_setup_s": time.monotonic() - t_ping}
         except AgentError as e:
+            died = not proc.alive()
             hv.quit(inst.g, proc)
+            if died:  # the VMM's own last words say why
+                vmm = hv.vmm_log_tail(inst.g)
+                raise AgentError(f"'{inst.name}': the {hv.name} VMM stopped before the guest agent answered "
+                                 f"after {what}" + (f": {vmm}" if vmm else "")) from None
             console = tail(inst.g.console_log, 6)
             raise AgentError(f"'{inst.name}': guest agent not ready after {what}: {e}"
                              + (f" (console: {console})" if console else "")) from None
