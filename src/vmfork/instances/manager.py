@@ -25,6 +25,7 @@ from vmfork import util
 from vmfork.errors import (
     AgentError,
     AlreadyExists,
+    ExecAborted,
     HypervisorError,
     InvalidArgument,
     NotFound,
@@ -34,7 +35,8 @@ from vmfork.errors import (
 from vmfork.forkvm import CopyStats, clone_file, clone_tree
 from vmfork.forkvm.copier import fsync_tree
 from vmfork.fs import set_cow_extent_size_hint
-from vmfork.guest.agent import AgentClient, ExecResult, wait_ready
+from vmfork.guest import muxctl
+from vmfork.guest.agent import MAX_BUFFERED_OUTPUT, AgentClient, ExecResult, wait_ready
 from vmfork.hypervisor import get_hypervisor, resolve_accel
 from vmfork.hypervisor.base import Hypervisor, VMConfig, tail, vmm_record
 from vmfork.images import Image, ensure_image, load_image
@@ -372,6 +374,7 @@ class Manager:
                 return "snapshot discarded"
             assert st.proc is not None
             hv = self.hypervisor(inst)
+            muxctl.end_execs(inst.g, "the instance was stopped")  # frees the agent channel too
             if not force:
                 try:
                     with hv.agent(inst.g, 2.0) as agent:
@@ -394,6 +397,7 @@ class Manager:
             self._destroy(inst)
 
     def _destroy(self, inst: Instance) -> None:
+        muxctl.end_execs(inst.g, "the instance was removed")
         proc = vmm_record(inst.g)
         if proc is not None:
             self.hypervisor(inst).quit(inst.g, proc)
@@ -407,18 +411,34 @@ class Manager:
     def exec(self, ref: str, argv: list[str], *, stdin: bytes = b"", timeout: float | None = None,
              env: dict[str, str] | None = None, cwd: str | None = None,
              on_stdout: Callable[[bytes], None] | None = None,
-             on_stderr: Callable[[bytes], None] | None = None) -> ExecResult:
+             on_stderr: Callable[[bytes], None] | None = None,
+             max_output: int = MAX_BUFFERED_OUTPUT) -> ExecResult:
+        """Run a command in the guest. The instance lock is held only to start it (through
+        the instance's exec mux, so execs run concurrently); standby, stop and rm end it
+        with ExecAborted. Output without a callback is kept up to ``max_output`` bytes
+        per stream (``ExecResult.stdout_dropped`` counts the rest)."""
         if not argv:
             raise InvalidArgument("no command given: use 'vmfork exec NAME -- CMD [ARGS...]'")
         inst = self.find(ref)
         with self._lock(inst):
-            st = self.status(inst).state
-            if st != "running":
-                hint = f": use 'vmfork restore {inst.name}'" if st == "standby" else f": use 'vmfork start {inst.name}'"
-                raise WrongState(f"instance '{inst.name}' is {st}{hint}")
-            with self.hypervisor(inst).agent(inst.g, 5.0) as agent:  # connecting pings the agent
-                return agent.exec(argv, stdin=stdin, timeout=timeout, env=env, cwd=cwd,
-                                  on_stdout=on_stdout, on_stderr=on_stderr)
+            st = self.status(inst)
+            if st.state != "running":
+                hint = f": use 'vmfork restore {inst.name}'" if st.state == "standby" else f": use 'vmfork start {inst.name}'"
+                raise WrongState(f"instance '{inst.name}' is {st.state}{hint}")
+            assert st.proc is not None
+            hv = self.hypervisor(inst)
+            conn = muxctl.connect(inst.g, st.proc, lambda: hv.agent(inst.g, 5.0))
+            try:
+                req_id = conn.start_exec(argv, stdin=stdin, timeout=timeout, env=env, cwd=cwd)
+            except BaseException:
+                conn.close()
+                raise
+        with conn:
+            try:
+                return conn.wait_exec(req_id, argv, timeout=timeout, on_stdout=on_stdout,
+                                      on_stderr=on_stderr, max_output=max_output)
+            except ExecAborted as e:
+                raise ExecAborted(f"'{inst.name}': {argv[0]!r} did not finish: {e}") from None
 
     # --- standby / restore ----------------------------------------------------------------
     def standby(self, ref: str) -> dict[str, Any]:
@@ -433,6 +453,7 @@ class Manager:
         assert st.proc is not None
         g, hv = inst.g, self.hypervisor(inst)
         t0 = time.monotonic()
+        muxctl.end_execs(g, "the instance was put in standby", wait_s=2.0)  # kills its commands
         shutil.rmtree(g.snapshot_tmp, ignore_errors=True)
         if g.snapshot_latest.exists():
             shutil.rmtree(g.snapshot_latest)  # stale: the VM ran since it was taken
