@@ -452,8 +452,9 @@ class Manager:
             raise WrongState(f"instance '{inst.name}' is {st.state}: only a running instance can be put in standby")
         assert st.proc is not None
         g, hv = inst.g, self.hypervisor(inst)
-        t0 = time.monotonic()
+        t_execs = time.monotonic()
         muxctl.end_execs(g, "the instance was put in standby", wait_s=2.0)  # kills its commands
+        t0 = time.monotonic()
         shutil.rmtree(g.snapshot_tmp, ignore_errors=True)
         if g.snapshot_latest.exists():
             shutil.rmtree(g.snapshot_latest)  # stale: the VM ran since it was taken
@@ -469,7 +470,7 @@ class Manager:
         t1 = time.monotonic()
         phases = {f"save_{k}": round(v, 4) for k, v in getattr(hv, "last_phases", {}).items()}
         return {"save_s": round(t_save - t0, 4), **phases, "fsync_s": round(t1 - t_save, 4),
-                "total_s": round(t1 - t0, 4)}
+                "total_s": round(t1 - t0, 4), "end_execs_s": round(t0 - t_execs, 4)}
 
     def _commit_snapshot(self, g: GuestDir) -> None:
         """Make .snapshot-tmp durable and rename it to snapshot-latest (the commit point)."""
