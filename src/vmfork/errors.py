@@ -62,5 +62,13 @@ class AgentTimeout(AgentError):
     pass
 
 
+class ExecAborted(AgentError):
+    """A running exec was ended from the host side (the instance was put in standby,
+    stopped or removed, or its VMM went away); the message says which."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, transient=False)
+
+
 class ImageError(VmforkError):
     """Building or finding the guest image failed."""

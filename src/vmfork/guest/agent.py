@@ -1,4 +1,9 @@
-"""Host-side client of the guest agent (one connection per AgentClient)."""
+"""Host-side client of the guest agent (one connection per AgentClient).
+
+The same client talks to the agent directly (the manager's own requests at boot, restore
+and stop) or through the instance's exec mux (``guest/mux.py``), which speaks the same
+protocol.
+"""
 
 from __future__ import annotations
 
@@ -13,13 +18,18 @@ from pathlib import Path
 from types import TracebackType
 
 from vmfork import retry
-from vmfork.errors import AgentError, AgentTimeout
+from vmfork.errors import AgentError, AgentTimeout, ExecAborted
 from vmfork.guest import protocol as proto
 from vmfork.layout import short_path
 
 # How much longer than the guest-side timeout the host waits for an exec's exit frame.
 EXEC_TIMEOUT_MARGIN_S = 10.0
 _RECV_SIZE = 1 << 16
+# Output an exec collects (no callback given) is kept up to this many bytes per stream;
+# the rest is read and dropped, and counted in ExecResult.stdout_dropped/stderr_dropped.
+MAX_BUFFERED_OUTPUT = 16 << 20
+# Text a host-side abort carries (the mux's reason) is cut to this many characters.
+_MAX_REASON = 300
 
 
 @dataclass
@@ -29,10 +39,37 @@ class ExecResult:
     stderr: bytes
     timed_out: bool
     signal: int | None
+    stdout_dropped: int = 0  # bytes of stdout beyond the buffered-output cap (not kept)
+    stderr_dropped: int = 0
 
     @property
     def ok(self) -> bool:
         return self.exit_code == 0 and not self.timed_out
+
+    @property
+    def truncated(self) -> bool:
+        return bool(self.stdout_dropped or self.stderr_dropped)
+
+
+class _Capped:
+    """Collects chunks up to ``limit`` bytes; counts the rest."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.parts: list[bytes] = []
+        self.kept = 0
+        self.dropped = 0
+
+    def __call__(self, chunk: bytes) -> None:
+        room = self.limit - self.kept
+        if room > 0:
+            part = chunk[:room]
+            self.parts.append(part)
+            self.kept += len(part)
+        self.dropped += max(0, len(chunk) - max(room, 0))
+
+    def data(self) -> bytes:
+        return b"".join(self.parts)
 
 
 def _transient(exc: OSError) -> bool:
@@ -152,6 +189,9 @@ class AgentClient:
     ) -> None:
         self.close()
 
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
     @property
     def closed(self) -> bool:
         return self._closed
@@ -176,6 +216,9 @@ class AgentClient:
         """Next frame with ``req_id`` (other frames are discarded)."""
         while True:
             for frame in self._reader.frames():
+                if frame.type == proto.ABORTED:  # from the exec mux: ends every request
+                    self.close()
+                    raise ExecAborted(_reason(frame.payload))
                 if frame.req_id == req_id:
                     return frame
             if deadline is None:
@@ -209,6 +252,14 @@ class AgentClient:
             raise AgentError(f"guest agent: unexpected {frame.type!r} reply to {what}")
         return frame.payload
 
+    def recv_frame(self, req_id: int, timeout: float, what: str) -> proto.Frame:
+        """The next frame for ``req_id`` (others are discarded), within ``timeout`` s."""
+        return self._recv(req_id, time.monotonic() + timeout, what)
+
+    def request(self, type_: bytes, payload: bytes, expect: bytes, timeout: float, what: str) -> bytes:
+        """One request, one reply of type ``expect`` (its payload is returned)."""
+        return self._request(type_, payload, expect, timeout, what)
+
     # --------------------------------------------------------------- requests
     def ping(self, timeout: float = 5.0) -> None:
         """Round-trip a random token; frames before the answer are discarded."""
@@ -230,14 +281,30 @@ class AgentClient:
         timeout: float | None = None,
         on_stdout: Callable[[bytes], None] | None = None,
         on_stderr: Callable[[bytes], None] | None = None,
+        max_output: int = MAX_BUFFERED_OUTPUT,
     ) -> ExecResult:
         """Run ``argv`` in the guest (PATH lookup; default cwd /root, HOME=/root).
 
         ``env`` adds to / overrides the guest's default environment. With ``timeout``
         the guest kills the command's whole process group after that many seconds
-        (``timed_out`` set, exit code 124). Output is collected unless a callback is
-        given for that stream.
+        (``timed_out`` set, exit code 124); without one the host waits as long as the
+        command runs. Output is collected (at most ``max_output`` bytes per stream, the
+        rest counted as dropped) unless a callback is given for that stream.
         """
+        req_id = self.start_exec(argv, stdin=stdin, env=env, cwd=cwd, timeout=timeout)
+        return self.wait_exec(req_id, argv, timeout=timeout, on_stdout=on_stdout,
+                              on_stderr=on_stderr, max_output=max_output)
+
+    def start_exec(
+        self,
+        argv: list[str],
+        *,
+        stdin: bytes = b"",
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+    ) -> int:
+        """Send an exec request; returns its req_id for :meth:`wait_exec`."""
         if timeout is not None and timeout <= 0:
             raise AgentError(f"exec timeout must be positive, got {timeout}")
         timeout_ms = 0 if timeout is None else max(1, round(timeout * 1000))
@@ -250,33 +317,58 @@ class AgentClient:
                 )
         except proto.ProtocolError as exc:
             raise AgentError(str(exc)) from exc
+        return self._send(proto.EXEC, payload, timeout=None if timeout is None else timeout + 30)
+
+    def wait_exec(
+        self,
+        req_id: int,
+        argv: list[str],
+        *,
+        timeout: float | None = None,
+        on_stdout: Callable[[bytes], None] | None = None,
+        on_stderr: Callable[[bytes], None] | None = None,
+        max_output: int = MAX_BUFFERED_OUTPUT,
+    ) -> ExecResult:
+        """Relay the output of exec ``req_id`` until it exits. Interrupted (Ctrl-C, an
+        exception in a callback), it kills the command in the guest before re-raising."""
         deadline = None if timeout is None else time.monotonic() + timeout + EXEC_TIMEOUT_MARGIN_S
-        req_id = self._send(proto.EXEC, payload, timeout=None if timeout is None else timeout + 30)
-        out: list[bytes] = []
-        err: list[bytes] = []
+        out, err = _Capped(max_output), _Capped(max_output)
         what = f"exec {argv[0]!r}"
-        while True:
-            frame = self._recv(req_id, deadline, what)
-            if frame.type == proto.STDOUT:
-                (on_stdout or out.append)(frame.payload)
-            elif frame.type == proto.STDERR:
-                (on_stderr or err.append)(frame.payload)
-            elif frame.type == proto.EXIT:
-                try:
-                    st = proto.decode_exit(frame.payload)
-                except proto.ProtocolError as exc:
-                    raise AgentError(f"guest agent: {exc}") from exc
-                return ExecResult(
-                    exit_code=st.exit_code,
-                    stdout=b"".join(out),
-                    stderr=b"".join(err),
-                    timed_out=st.timed_out,
-                    signal=st.signal if st.signaled else None,
-                )
-            elif frame.type == proto.ERROR:
-                raise AgentError(f"guest agent: {frame.payload.decode(errors='replace')}")
-            else:
-                raise AgentError(f"guest agent: unexpected {frame.type!r} frame during {what}")
+        try:
+            while True:
+                frame = self._recv(req_id, deadline, what)
+                if frame.type == proto.STDOUT:
+                    (on_stdout or out)(frame.payload)
+                elif frame.type == proto.STDERR:
+                    (on_stderr or err)(frame.payload)
+                elif frame.type == proto.EXIT:
+                    try:
+                        st = proto.decode_exit(frame.payload)
+                    except proto.ProtocolError as exc:
+                        raise AgentError(f"guest agent: {exc}") from exc
+                    return ExecResult(
+                        exit_code=st.exit_code,
+                        stdout=out.data(),
+                        stderr=err.data(),
+                        timed_out=st.timed_out,
+                        signal=st.signal if st.signaled else None,
+                        stdout_dropped=out.dropped,
+                        stderr_dropped=err.dropped,
+                    )
+                elif frame.type == proto.ERROR:
+                    raise AgentError(f"guest agent: {frame.payload.decode(errors='replace')}")
+                else:
+                    raise AgentError(f"guest agent: unexpected {frame.type!r} frame during {what}")
+        except BaseException:
+            self.kill(req_id)
+            raise
+
+    def kill(self, req_id: int) -> None:
+        """Best effort: SIGKILL the process group of running exec ``req_id`` (no reply)."""
+        if self._closed:
+            return
+        with contextlib.suppress(AgentError):
+            self._send(proto.KILL, proto.encode_target(req_id), timeout=1.0)
 
     def set_time(self, t: float | None = None, timeout: float = 5.0) -> None:
         """Set the guest's wall clock (default: the host's time now)."""
@@ -308,6 +400,12 @@ class AgentClient:
                 raise  # an error reply, not a lost connection
         finally:
             self.close()
+
+
+def _reason(payload: bytes) -> str:
+    text = payload.decode(errors="replace")
+    text = "".join(c if c.isprintable() else " " for c in text)
+    return text[:_MAX_REASON] or "the exec was aborted"
 
 
 def wait_ready(

@@ -3,6 +3,13 @@
 Frame: ``b"VFK1"`` | type (1 byte) | req_id (u32 BE) | length (u32 BE) | payload.
 All integers inside payloads are big-endian. See ``images/guest/agent.c`` for the
 guest side.
+
+``KILL``, ``HOLD`` and ``GO`` name their target exec's req_id in a 4-byte payload
+(:func:`encode_target`) and get no reply. The exec mux (``guest/mux.py``) speaks this
+same protocol to host clients, plus three frame types of its own that never reach the
+guest: ``MUX_HELLO`` (mux -> client on accept), ``SHUTDOWN`` (client -> mux: end every
+exec with the payload as reason, answered by ``SHUTDOWN_DONE``) and ``ABORTED`` (mux ->
+client: the connection's requests are over; the payload says why).
 """
 
 from __future__ import annotations
@@ -23,6 +30,9 @@ SET_TIME = b"T"
 SYNC = b"S"
 SET_HOSTNAME = b"H"
 POWEROFF = b"Q"
+KILL = b"K"  # SIGKILL the target exec's process group (its EXIT follows)
+HOLD = b"W"  # stop reading the target exec's output (flow control)
+GO = b"G"  # read it again
 # guest -> host
 PONG = b"p"
 STDOUT = b"O"
@@ -33,6 +43,13 @@ SYNCED = b"s"
 HOSTNAME_SET = b"h"
 POWERING_OFF = b"q"
 ERROR = b"Z"
+# exec mux <-> host clients only
+MUX_HELLO = b"M"
+SHUTDOWN = b"C"
+SHUTDOWN_DONE = b"c"
+ABORTED = b"A"
+# replies after which a request is over (STDOUT/STDERR are not)
+FINAL = frozenset({PONG, EXIT, TIME_SET, SYNCED, HOSTNAME_SET, POWERING_OFF, ERROR})
 
 _U32 = struct.Struct(">I")
 _EXIT = struct.Struct(">iBBi")
@@ -139,6 +156,17 @@ def decode_exec(payload: bytes) -> tuple[int, list[str], dict[str, str], str, by
     if off != len(payload):
         raise ProtocolError("trailing bytes after exec payload")
     return timeout_ms, argv, env, cwd, stdin
+
+
+def encode_target(req_id: int) -> bytes:
+    """Payload of KILL / HOLD / GO: the req_id of the exec they act on."""
+    return _U32.pack(req_id)
+
+
+def decode_target(payload: bytes) -> int:
+    if len(payload) != _U32.size:
+        raise ProtocolError(f"target payload must be {_U32.size} bytes, got {len(payload)}")
+    return int(_U32.unpack(payload)[0])
 
 
 def encode_exit(status: ExitStatus) -> bytes:

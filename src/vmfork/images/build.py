@@ -24,7 +24,7 @@ from vmfork.paths import cache_dir
 from vmfork.util import sha256_file
 
 # Bump when the recipe (this file's logic) changes in a way that changes the output.
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 
 GUEST_DIR = Path(__file__).resolve().parent / "guest"
 GUEST_FILES = ("init", "rc.boot", "inittab", "passwd", "group", "profile", "agent.c")

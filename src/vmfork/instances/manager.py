@@ -32,6 +32,7 @@ from vmfork import util
 from vmfork.errors import (
     AgentError,
     AlreadyExists,
+    ExecAborted,
     HypervisorError,
     InvalidArgument,
     NotFound,
@@ -41,7 +42,8 @@ from vmfork.errors import (
 from vmfork.forkvm import CopyStats, clone_file, clone_tree
 from vmfork.forkvm.copier import fsync_tree
 from vmfork.fs import set_cow_extent_size_hint
-from vmfork.guest.agent import ExecResult, wait_ready
+from vmfork.guest import muxctl
+from vmfork.guest.agent import MAX_BUFFERED_OUTPUT, ExecResult, wait_ready
 from vmfork.hypervisor import get_hypervisor, resolve_accel
 from vmfork.hypervisor.base import Hypervisor, VMConfig, tail, vmm_record
 from vmfork.images import Image, ensure_image, load_image
@@ -467,6 +469,7 @@ class Manager:
                 return "snapshot discarded"
             assert st.proc is not None
             hv = self.hypervisor(inst)
+            muxctl.end_execs(inst.g, "the instance was stopped")  # frees the agent channel too
             if not force:
                 try:
                     with hv.agent(inst.g, 2.0) as agent:
@@ -490,6 +493,7 @@ class Manager:
     def _destroy(self, inst: Instance) -> None:
         """Remove the instance: renamed out of sight first (the commit point), then its VMM
         is stopped and its files deleted; recovery finishes a crashed removal."""
+        muxctl.end_execs(inst.g, "the instance was removed")
         trash = self.dd.guests / f".trash-{inst.id}"
         if inst.dir.exists():
             os.rename(inst.dir, trash)
@@ -503,7 +507,12 @@ class Manager:
     def exec(self, ref: str, argv: list[str], *, stdin: bytes = b"", timeout: float | None = None,
              env: dict[str, str] | None = None, cwd: str | None = None,
              on_stdout: Callable[[bytes], None] | None = None,
-             on_stderr: Callable[[bytes], None] | None = None) -> ExecResult:
+             on_stderr: Callable[[bytes], None] | None = None,
+             max_output: int = MAX_BUFFERED_OUTPUT) -> ExecResult:
+        """Run a command in the guest. The instance lock is held only to start it (through
+        the instance's exec mux, so execs run concurrently); standby, stop and rm end it
+        with ExecAborted. Output without a callback is kept up to ``max_output`` bytes
+        per stream (``ExecResult.stdout_dropped`` counts the rest)."""
         if not argv:
             raise InvalidArgument("no command given: use 'vmfork exec NAME -- CMD [ARGS...]'")
         with self._locked(ref) as inst:
@@ -512,9 +521,20 @@ class Manager:
             if st.state != "running":
                 hint = f": use 'vmfork restore {inst.name}'" if st.state == "standby" else f": use 'vmfork start {inst.name}'"
                 raise WrongState(f"instance '{inst.name}' is {st.state}{hint}")
-            with self.hypervisor(inst).agent(inst.g, 5.0) as agent:  # connecting pings the agent
-                return agent.exec(argv, stdin=stdin, timeout=timeout, env=env, cwd=cwd,
-                                  on_stdout=on_stdout, on_stderr=on_stderr)
+            assert st.proc is not None
+            hv = self.hypervisor(inst)
+            conn = muxctl.connect(inst.g, st.proc, lambda: hv.agent(inst.g, 5.0))
+            try:
+                req_id = conn.start_exec(argv, stdin=stdin, timeout=timeout, env=env, cwd=cwd)
+            except BaseException:
+                conn.close()
+                raise
+        with conn:
+            try:
+                return conn.wait_exec(req_id, argv, timeout=timeout, on_stdout=on_stdout,
+                                      on_stderr=on_stderr, max_output=max_output)
+            except ExecAborted as e:
+                raise ExecAborted(f"'{inst.name}': {argv[0]!r} did not finish: {e}") from None
 
     # --- standby / restore ----------------------------------------------------------------
     def standby(self, ref: str) -> dict[str, Any]:
@@ -528,6 +548,8 @@ class Manager:
             raise WrongState(f"instance '{inst.name}' is {st.state}: only a running instance can be put in standby")
         assert st.proc is not None
         g, hv = inst.g, self.hypervisor(inst)
+        t_execs = time.monotonic()
+        muxctl.end_execs(g, "the instance was put in standby", wait_s=2.0)  # kills its commands
         t0 = time.monotonic()
         tmp = g.snapshot_tmp
         shutil.rmtree(tmp, ignore_errors=True)
@@ -553,7 +575,7 @@ class Manager:
         t1 = time.monotonic()
         phases = {f"save_{k}": round(v, 4) for k, v in getattr(hv, "last_phases", {}).items()}
         return {"save_s": round(t_save - t0, 4), **phases, "fsync_s": round(t1 - t_save, 4),
-                "total_s": round(t1 - t0, 4)}
+                "total_s": round(t1 - t0, 4), "end_execs_s": round(t0 - t_execs, 4)}
 
     def _commit_snapshot(self, g: GuestDir) -> None:
         """Make .snapshot-tmp durable and rename it to snapshot-latest (the commit point)."""

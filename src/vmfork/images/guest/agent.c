@@ -17,7 +17,19 @@
  *   S sync          -> 's'
  *   H set hostname  the name's bytes (1..64, no NUL) -> 'h'  (sethostname(2), no process)
  *   Q power off     sync, reply 'q', then reboot(RB_POWER_OFF)
+ *   K kill          u32 target req_id: SIGKILL the process group of the running
+ *                   command started by exec 'target' on this connection; its 'X'
+ *                   follows as usual (signaled, signal 9). No reply of its own:
+ *                   an unknown or finished target is ignored (a normal race).
+ *   W hold output   u32 target req_id: stop reading that command's stdout/stderr
+ *                   (the host's reader is slow; the command blocks once its
+ *                   pipes are full). No reply; unknown target ignored.
+ *   G go on         u32 target req_id: read that command's output again (undoes W).
  *   anything else / malformed -> 'Z' with a UTF-8 message; the connection goes on.
+ *
+ * K, W and G name their target in the payload, not in the frame's own req_id, so
+ * that an older agent's 'Z' ("unknown request type") never reaches the target's
+ * requester.
  *
  * Transport: the virtio-serial port named "agent" if the VM has a virtio
  * console device, else AF_VSOCK (port from vmfork.agent_port=N, default 52).
@@ -92,6 +104,7 @@ struct job {
     int timed_out;
     int reaped;
     int status;
+    int held; /* 'W': output not read until 'G' */
 };
 
 static struct job jobs[MAX_JOBS];
@@ -633,6 +646,14 @@ static void feed_stdin(struct job *j) {
 
 /* -------------------------------------------------------------- requests */
 
+/* The running command that exec 'req_id' of the current connection started. */
+static struct job *find_job(uint32_t req_id) {
+    for (int i = 0; i < MAX_JOBS; i++)
+        if (jobs[i].used && !jobs[i].reaped && jobs[i].gen == gen && jobs[i].req_id == req_id)
+            return &jobs[i];
+    return NULL;
+}
+
 static void do_poweroff(uint32_t req_id) {
     sync();
     send_frame('q', req_id, NULL, 0);
@@ -692,6 +713,25 @@ static void dispatch(unsigned char type, uint32_t req_id, const unsigned char *p
     case 'Q':
         do_poweroff(req_id);
         break;
+    case 'K':
+    case 'W':
+    case 'G': {
+        if (len != 4) {
+            send_error(req_id, "'%c': payload must be a 4-byte request id, got %zu bytes", type, len);
+            break;
+        }
+        struct job *j = find_job(get_u32(p));
+        if (!j)
+            break;
+        if (type == 'K') {
+            kill(-j->pid, SIGKILL);
+            kill(j->pid, SIGKILL);
+            j->held = 0; /* drain what it wrote, so it is not stuck on a full pipe */
+        } else {
+            j->held = type == 'W';
+        }
+        break;
+    }
     default:
         if (type >= 0x20 && type < 0x7f)
             send_error(req_id, "unknown request type '%c'", type);
@@ -1007,17 +1047,18 @@ int main(int argc, char **argv) {
             if (!j->used)
                 continue;
             int dropping = j->gen != gen;
+            int readable = dropping || (room && !j->held);
             if (j->in_fd >= 0) {
                 pfd[np] = (struct pollfd){j->in_fd, POLLOUT, 0};
                 owner[np] = i;
                 kind[np++] = K_IN;
             }
-            if (j->out_fd >= 0 && (room || dropping)) {
+            if (j->out_fd >= 0 && readable) {
                 pfd[np] = (struct pollfd){j->out_fd, POLLIN, 0};
                 owner[np] = i;
                 kind[np++] = K_OUT;
             }
-            if (j->err_fd >= 0 && (room || dropping)) {
+            if (j->err_fd >= 0 && readable) {
                 pfd[np] = (struct pollfd){j->err_fd, POLLIN, 0};
                 owner[np] = i;
                 kind[np++] = K_ERR;
