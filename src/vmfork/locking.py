@@ -28,7 +28,7 @@ def file_lock(path: Path, *, what: str, timeout: float = 30.0) -> Iterator[None]
     Waits up to ``timeout`` seconds (0 = try once); then raises Busy naming ``what``.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         for _ in retry.attempts(timeout, first=0.005, cap=0.1):
             try:
