@@ -64,22 +64,20 @@ class CLI:
 
 @contextlib.contextmanager
 def data_dir_on(kind: str, base: Path, size_mb: int = 12000) -> Iterator[CLI]:
-    """A CLI on a fresh data dir with its image built: on the root fs (``"ext4"`` here) or on
-    a loop-mounted ``"xfs"``/``"btrfs"``. Skips (reason printed) where that cannot exist;
-    leaves no VMM and no mount behind."""
+    """A CLI on a fresh data dir with its image built, on a loop-mounted filesystem of that
+    ``kind`` (``"xfs"`` with reflink, ``"btrfs"``, ``"ext4"``: never whatever ``base`` is on),
+    sparse, of ``size_mb``. Skips (reason printed) where that cannot exist; leaves no VMM
+    and no mount behind."""
     from tests.fsutil import loop_fs, loop_fs_unavailable_reason
 
     reason = vm_unavailable_reason()
     if reason:
         pytest.skip(reason)
     with contextlib.ExitStack() as stack:
-        if kind == "ext4":
-            root = base
-        else:
-            reason = loop_fs_unavailable_reason(kind)
-            if reason:
-                pytest.skip(f"{kind} loop filesystem unavailable: {reason}")
-            root = stack.enter_context(loop_fs(kind, size_mb, base))
+        reason = loop_fs_unavailable_reason(kind)
+        if reason:
+            pytest.skip(f"{kind} loop filesystem unavailable: {reason}")
+        root = stack.enter_context(loop_fs(kind, size_mb, base))
         cli = CLI(root / "data")
         try:
             cli("image", "build")

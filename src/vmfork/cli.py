@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -13,19 +14,31 @@ from typing import Any, NoReturn
 import click
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from vmfork import __version__, util
-from vmfork.errors import InvalidArgument, VmforkError
-from vmfork.paths import default_data_dir
+from vmfork.errors import InvalidArgument, NotFound, VmforkError
+from vmfork.paths import PRIVATE_UMASK, DataDir, default_data_dir
 
-err = Console(stderr=True, highlight=False)
-out = Console(highlight=False)
+# Text we print is never read as markup or emoji codes (guest text such as "[/]" or ":x:"
+# would break or change it): styles are given as Text styles. Output that is not to a
+# terminal is never wrapped (a pipe gets each line whole).
+
+
+def _console(stderr: bool) -> Console:
+    c = Console(stderr=stderr, markup=False, emoji=False, highlight=False, soft_wrap=True)
+    if not c.is_terminal:
+        c.width = 1 << 16
+    return c
+
+
+err = _console(stderr=True)
+out = _console(stderr=False)
+_clean = util.one_line
 
 
 def _fail(e: VmforkError) -> NoReturn:
-    from rich.markup import escape
-
-    err.print(f"[bold red]vmfork: error:[/] {escape(str(e))}", markup=True, soft_wrap=True)
+    err.print(Text.assemble(("vmfork: error:", "bold red"), " ", _clean(str(e))))
     sys.exit(e.exit_code)
 
 
@@ -37,7 +50,18 @@ class Ctx:
 
     def progress(self, msg: str) -> None:
         if not self.quiet:
-            err.print(f"[dim]· {msg}[/]", markup=True, soft_wrap=True)
+            err.print(Text(f"· {_clean(msg)}", style="dim"))
+
+    def data_dir_exists(self) -> bool:
+        """For read-only commands, which create nothing: False where there is no data dir
+        yet (one-line error where the path is a file or lies under one)."""
+        return DataDir(self.data_dir).exists()
+
+    def find(self, name: str) -> Any:
+        """The instance NAME, for a read-only command."""
+        if not self.data_dir_exists():
+            raise NotFound(f"instance '{name}' not found")
+        return self.mgr.find(name)
 
     @property
     def mgr(self) -> Any:
@@ -46,7 +70,7 @@ class Ctx:
 
             self._mgr = Manager(self.data_dir, self.progress)
             for action in self._mgr.recover():
-                err.print(f"[yellow]vmfork: recovered:[/] {action}", markup=True)
+                err.print(Text.assemble(("vmfork: recovered:", "yellow"), " ", _clean(action)))
         return self._mgr
 
 
@@ -86,6 +110,7 @@ def main(ctx: click.Context, data_dir: Path | None, quiet: bool, firecracker_bin
     """vmfork: boot microVMs, put them in standby, restore and fork them copy-on-write."""
     if firecracker_bin is not None:
         os.environ["VMFORK_FIRECRACKER_BIN"] = str(firecracker_bin.absolute())
+    os.umask(PRIVATE_UMASK)  # what vmfork and its VMMs create is the owner's only
     ctx.obj = Ctx((data_dir or default_data_dir()).absolute(), quiet)
 
 
@@ -196,15 +221,15 @@ def fork(c: Ctx, source: str, name: str, from_running: bool, target_state: str |
 @pass_ctx
 def ps(c: Ctx, as_json: bool) -> None:
     """List instances."""
-    rows = [c.mgr.describe(i) for i in c.mgr.instances()]
+    rows = [c.mgr.describe(i) for i in c.mgr.instances()] if c.data_dir_exists() else []
 
     def human() -> None:
         t = Table(box=None, pad_edge=False)
         for col in ("NAME", "ID", "STATE", "HYPERVISOR", "ACCEL", "MEMORY", "PID", "PARENT"):
             t.add_column(col)
         for r in rows:
-            t.add_row(r["name"], r["id"], r["state"], r["hypervisor"], r["accel"], f"{r['memory_mib']}M",
-                      str(r["pid"] or "-"), r["parent"] or "-")
+            t.add_row(*map(_clean, (r["name"], r["id"], r["state"], r["hypervisor"], r["accel"],
+                                    f"{r['memory_mib']}M", str(r["pid"] or "-"), r["parent"] or "-")))
         out.print(t)
 
     _emit(as_json, rows, human)
@@ -216,13 +241,17 @@ def ps(c: Ctx, as_json: bool) -> None:
 @pass_ctx
 def inspect(c: Ctx, name: str, as_json: bool) -> None:
     """Show everything known about NAME."""
-    d = c.mgr.describe(c.mgr.find(name), detail=True)
+    inst = c.find(name)  # before c.mgr: no data dir, nothing created
+    d = c.mgr.describe(inst, detail=True)
 
     def human() -> None:
         for k, v in d.items():
-            out.print(f"{k:22} {json.dumps(v) if isinstance(v, dict) else v}")
+            out.print(f"{k:22} {_clean(json.dumps(v) if isinstance(v, dict) else str(v))}")
 
     _emit(as_json, d, human)
+
+
+MAX_TIMEOUT_S = 0xFFFFFFFF // 1000  # the agent protocol carries milliseconds in 32 bits
 
 
 @main.command("exec", context_settings={"ignore_unknown_options": True})
@@ -240,6 +269,9 @@ def exec_(c: Ctx, name: str, command: tuple[str, ...], timeout: float | None, en
     Usage: vmfork exec NAME -- CMD [ARGS...]
     """
     argv = list(command)
+    if timeout is not None and not (math.isfinite(timeout) and 0 < timeout <= MAX_TIMEOUT_S):
+        raise InvalidArgument(f"invalid --timeout '{timeout}': seconds, more than 0 and at most "
+                              f"{MAX_TIMEOUT_S} (~49 days)")
     env: dict[str, str] = {}
     for kv in envs:
         if "=" not in kv:
@@ -258,7 +290,7 @@ def exec_(c: Ctx, name: str, command: tuple[str, ...], timeout: float | None, en
     r = c.mgr.exec(name, argv, stdin=data, timeout=timeout, env=env or None, cwd=workdir,
                    on_stdout=relay(sys.stdout), on_stderr=relay(sys.stderr))
     if r.timed_out:
-        err.print(f"vmfork: '{' '.join(argv)}' timed out after {timeout}s in '{name}'")
+        err.print(_clean(f"vmfork: '{' '.join(argv)}' timed out after {timeout}s in '{name}'"))
     sys.exit(r.exit_code)
 
 
@@ -270,11 +302,13 @@ def exec_(c: Ctx, name: str, command: tuple[str, ...], timeout: float | None, en
 @pass_ctx
 def logs(c: Ctx, name: str, follow: bool, lines: int | None, vmm: bool) -> None:
     """Print NAME's serial console (or VMM log)."""
-    inst = c.mgr.find(name)
+    if lines is not None and lines < 0:
+        raise InvalidArgument(f"invalid --tail '{lines}': a number of lines, 0 or more")
+    inst = c.find(name)
     path = inst.g.vmm_log if vmm else inst.g.console_log
     data = path.read_bytes() if path.exists() else b""
     if lines is not None:
-        data = b"".join(data.splitlines(keepends=True)[-lines:])
+        data = b"".join(data.splitlines(keepends=True)[-lines:]) if lines else b""
     sys.stdout.buffer.write(data)
     sys.stdout.flush()
     if not follow:
@@ -310,7 +344,8 @@ def doctor(c: Ctx, as_json: bool) -> None:
         t.add_column(overflow="fold")
         style = {"ok": "green", "warn": "yellow", "fail": "red", "info": "cyan"}
         for item in report["checks"]:
-            t.add_row(f"[{style[item['status']]}]{item['status']}[/]", item["name"], item["detail"])
+            t.add_row(Text(item["status"], style=style[item["status"]]), _clean(item["name"]),
+                      _clean(item["detail"]))
         out.print(t)
 
     _emit(as_json, report, human)
@@ -329,7 +364,6 @@ def image() -> None:
 def image_build(c: Ctx, as_json: bool) -> None:
     """Build the default guest image (kernel, initramfs, rootfs, agent) if not built yet."""
     from vmfork.images import ensure_image
-    from vmfork.paths import DataDir
 
     t0 = time.monotonic()
     img = ensure_image(DataDir(c.data_dir).ensure().images, c.progress)
@@ -344,15 +378,14 @@ def image_build(c: Ctx, as_json: bool) -> None:
 def image_ls(c: Ctx, as_json: bool) -> None:
     """List built images, newest first."""
     from vmfork.images import list_images
-    from vmfork.paths import DataDir
 
     images = DataDir(c.data_dir).images
     rows = [{"digest": i.digest, "dir": str(i.dir), "kernel_version": i.kernel_version}
-            for i in (list_images(images) if images.exists() else [])]
+            for i in (list_images(images) if c.data_dir_exists() and images.exists() else [])]
 
     def human() -> None:
         for r in rows:
-            out.print(f"{r['digest'][:16]}  {r['kernel_version']}  {r['dir']}")
+            out.print(_clean(f"{r['digest'][:16]}  {r['kernel_version']}  {r['dir']}"))
 
     _emit(as_json, rows, human)
 
@@ -365,7 +398,7 @@ def demo(c: Ctx, memory: str, keep: bool) -> None:
     """Boot a VM, write sentinels, standby, fork, restore both, show each sees its own state."""
     from vmfork.demo import run_demo
 
-    run_demo(c.mgr, util.parse_memory(memory), keep=keep, say=lambda m: out.print(m, soft_wrap=True))
+    run_demo(c.mgr, util.parse_memory(memory), keep=keep, say=lambda m: out.print(m))
 
 
 if __name__ == "__main__":

@@ -52,7 +52,8 @@ def run_checks(data_dir: Path, progress: Callable[[str], None]) -> dict[str, Any
     def add(name: str, status: str, detail: str) -> None:
         checks.append({"name": name, "status": status, "detail": detail})
 
-    dd = DataDir(data_dir).ensure()
+    dd = DataDir(data_dir)  # checked, never created: doctor only looks
+    exists = dd.exists()
     add("host", "info", f"{platform.system()} {platform.release()} {platform.machine()}")
     qemu = QemuHypervisor()
     problem = qemu.available()
@@ -74,9 +75,11 @@ def run_checks(data_dir: Path, progress: Callable[[str], None]) -> dict[str, Any
             accel = "kvm" if p.kvm_works else "tcg"
             add("kvm probe", "ok" if p.kvm_works else "warn", p.reason)
     add("accel", "info", f"'--accel auto' uses {accel}")
-    fs = filesystem_type(dd.root)
-    reflink = reflink_supported(dd.root)
-    add("data dir", "info", f"{dd.root} on {fs}")
+    probe = dd.root if exists else next(p for p in dd.root.parents if p.is_dir())
+    fs = filesystem_type(probe)
+    reflink = reflink_supported(probe)  # its scratch files are removed
+    add("data dir", "info", f"{dd.root} on {fs}" if exists else
+        f"{dd.root} does not exist yet (the first 'vmfork run' creates it); {probe} is on {fs}")
     add("copy-on-write", "ok" if reflink else "warn",
         "FICLONE reflink works: forks share the source's blocks"
         if reflink else f"no reflink on {fs}: forks use a sparse copy (data is copied, holes kept)")

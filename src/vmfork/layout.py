@@ -84,7 +84,7 @@ class GuestDir:
 
     def ensure_dirs(self) -> None:
         for p in (self.path, self.run, self.logs, self.snapshots):
-            p.mkdir(parents=True, exist_ok=True)
+            p.mkdir(0o700, parents=True, exist_ok=True)
 
 
 def snapshot_complete(d: Path) -> bool:

@@ -1,4 +1,4 @@
-"""Small pure helpers: sizes, names, ids, atomic files."""
+"""Small pure helpers: sizes, names, ids, atomic files, printable text."""
 
 from __future__ import annotations
 
@@ -34,6 +34,26 @@ def validate_name(name: str, what: str = "name") -> str:
             "starting and ending with a letter or digit"
         )
     return name
+
+
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+# C0 controls, DEL, C1 controls, and the Unicode line and paragraph separators.
+_CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def one_line(text: str) -> str:
+    """``text`` on one printable line: newlines, tabs and every other control character
+    (escape sequences of a terminal included) are shown escaped, as ``\\n`` or ``\\x1b``.
+
+    For text that reaches a terminal but is not ours: errors naming user input, guest
+    output (agent errors, console tails), file names."""
+    if not _CONTROL_RE.search(text):
+        return text
+    def esc(m: re.Match[str]) -> str:
+        c = m.group()
+        return _ESCAPES.get(c) or (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+
+    return _CONTROL_RE.sub(esc, text)
 
 
 def new_id() -> str:

@@ -213,10 +213,11 @@ def test_disk_write_survives_reconnect(vm: Booted) -> None:
     with vm.connect() as c:
         r = c.exec(["sh", "-c", "echo kept > /root/file && sync"])
         assert r.exit_code == 0
-    # drop a connection in the middle of a command too
+    # drop a connection in the middle of a command too: once it has printed its first line
     c = vm.connect()
-    c._send(proto.EXEC, proto.encode_exec(["sh", "-c", "for i in 1 2 3 4 5 6; do echo $i; sleep 0.1; done"]))
-    time.sleep(0.2)
+    req = c._send(proto.EXEC, proto.encode_exec(["sh", "-c", "for i in 1 2 3 4 5 6; do echo $i; sleep 0.1; done"]))
+    first = c._recv(req, time.monotonic() + 30, "the command's first line")
+    assert first.type == proto.STDOUT and first.payload.startswith(b"1\n")
     c.close()
     with vm.connect() as c:
         r = c.exec(["cat", "/root/file"])

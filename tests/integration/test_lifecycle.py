@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import CLI
+from vmfork import retry
 
 pytestmark = [pytest.mark.vm]
 
@@ -195,6 +196,63 @@ def test_duplicate_name_and_wrong_state(built: CLI, vm: str):
 def test_logs_show_console(built: CLI, vm: str):
     out = built("logs", vm).stdout.decode(errors="replace")
     assert "vmfork" in out.lower() or "linux" in out.lower()
+
+
+def test_logs_tail(built: CLI, vm: str):
+    whole = built("logs", vm).stdout
+    lines = whole.splitlines(keepends=True)
+    assert len(lines) >= 3
+    assert built("logs", vm, "--tail", "0").stdout == b""  # was: everything
+    assert built("logs", vm, "--tail", "1").stdout == lines[-1]
+    assert built("logs", vm, "--tail", "2").stdout == b"".join(lines[-2:])
+    assert built("logs", vm, "--tail", str(len(lines) + 5)).stdout == whole
+    for bad in ("-1", "-2"):  # -1 was accepted, and dropped the first line
+        r = built("logs", vm, "--tail", bad, check=False)
+        assert r.returncode == 2 and r.stdout == b""
+        assert r.stderr.decode().splitlines() == [f"vmfork: error: invalid --tail '{bad}': a number of lines, 0 or more"]
+
+
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_exec_timeout_nan_inf_on_a_running_guest(built: CLI, vm: str, value: str):
+    r = built("exec", vm, "--timeout", value, "--", "echo", "ran", check=False)
+    err = r.stderr.decode()
+    assert r.returncode == 2 and r.stdout == b"" and "Traceback" not in err
+    assert len(err.splitlines()) == 1 and f"invalid --timeout '{value}'" in err
+
+
+def test_guest_console_with_markup_is_printed_verbatim(built: CLI):
+    """A guest controls its console, and a failed restore quotes the console's tail. A guest
+    printing rich markup there (``[/]``) turned that one-line error into a MarkupError
+    traceback; it must come out as one line, verbatim, with control characters escaped."""
+    built("run", "marked")
+    try:
+        fake_agent = "#!/bin/sh\necho '[/] [bold]from the guest\t:x:' > /dev/console\nexec sleep 100000\n"
+        built("exec", "marked", "-i", "--", "sh", "-c",
+              "cat > /tmp/fake && chmod +x /tmp/fake && mv /tmp/fake /sbin/vmfork-agent.new && "
+              "mv /sbin/vmfork-agent.new /sbin/vmfork-agent && "
+              "(setsid sh -c 'sleep 1; killall vmfork-agent' </dev/null >/dev/null 2>&1 &)",
+              input=fake_agent.encode())
+        # wait until the fake agent has printed its line (the real one is gone)
+        assert any(b"[/] [bold]from the guest" in built("logs", "marked").stdout
+                   for _ in retry.attempts(30, first=0.1, cap=0.5))
+        built("standby", "marked")
+        r = built("restore", "marked", check=False, env={"VMFORK_RESTORE_TIMEOUT": "5"})
+        err = r.stderr.decode()
+        assert r.returncode != 0 and "Traceback" not in err, err
+        assert len(err.splitlines()) == 1, err
+        assert "guest agent not ready after restore" in err, err
+        assert "[/] [bold]from the guest\\t:x:" in err, err
+    finally:
+        built("rm", "--force", "marked", check=False)
+
+
+def test_piped_human_output_is_not_wrapped(built: CLI, vm: str):
+    d = built.json("inspect", vm)
+    assert len(d["dir"]) + 23 > 80  # a line that rich folded at 80 columns when piped
+    lines = built("inspect", vm).stdout.decode().splitlines()
+    assert f"{'dir':22} {d['dir']}" in lines
+    ps = built("ps").stdout.decode().splitlines()
+    assert any(line.split()[:3] == [vm, d["id"], "running"] for line in ps)
 
 
 def test_doctor_reports_accel_and_cow(built: CLI):

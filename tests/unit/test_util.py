@@ -105,3 +105,19 @@ def test_procref_zombie_is_dead():
     assert not ref.alive()
     with pytest.raises(ChildProcessError):
         os.waitpid(p.pid, 0)  # already reaped by alive()
+
+
+@pytest.mark.parametrize(
+    "text,line",
+    [
+        ("plain [/] text", "plain [/] text"),
+        ("two\nlines", "two\\nlines"),
+        ("cr\rtab\tend", "cr\\rtab\\tend"),
+        ("\x1b[2Jclear", "\\x1b[2Jclear"),
+        ("nul\x00del\x7fc1\x9b", "nul\\x00del\\x7fc1\\x9b"),
+        ("sep\u2028para\u2029", "sep\\u2028para\\u2029"),
+        ("é ü 日本", "é ü 日本"),
+    ],
+)
+def test_one_line_escapes_control_characters(text, line):
+    assert util.one_line(text) == line

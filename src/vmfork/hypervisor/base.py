@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -14,6 +15,7 @@ from vmfork.errors import HypervisorError
 from vmfork.guest.agent import AgentClient
 from vmfork.images import Image
 from vmfork.layout import GuestDir
+from vmfork.paths import PRIVATE_FILE, PRIVATE_UMASK
 from vmfork.procs import ProcRef
 from vmfork.util import atomic_write_json
 
@@ -62,13 +64,14 @@ def spawn_vmm(g: GuestDir, argv: list[str], hypervisor: str, *, pass_fds: tuple[
     ``start`` replaces ``subprocess.Popen`` (same arguments), e.g. to add a seccomp filter.
     """
     g.ensure_dirs()
-    with open(g.vmm_log, "ab") as log:
+    with open(os.open(g.vmm_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, PRIVATE_FILE), "ab") as log:
         log.write(f"--- {' '.join(argv)}\n".encode())
         log.flush()
         try:
             p = (start or subprocess.Popen)(
                 argv, cwd=g.path, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                 start_new_session=True, close_fds=True, pass_fds=pass_fds,
+                umask=PRIVATE_UMASK,  # the RAM file, console log and sockets the VMM creates
             )
         except OSError as e:
             raise HypervisorError(f"cannot start {argv[0]}: {e.strerror}") from None

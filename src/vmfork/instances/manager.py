@@ -364,6 +364,7 @@ class Manager:
                 try:
                     GuestDir(tmp).ensure_dirs()
                     clone_file(image.overlay_template, inst.g.disk)
+                    os.chmod(inst.g.disk, 0o600)  # the clone has the template's mode
                     util.atomic_write_json(inst.g.metadata, inst.to_json())
                     os.rename(tmp, self.dd.guests / iid)
                 except BaseException:
