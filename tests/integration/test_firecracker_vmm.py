@@ -176,6 +176,7 @@ def standby(env: FcEnv, g: GuestDir, cfg: VMConfig, proc: ProcRef) -> float:
     t0 = time.monotonic()
     env.hv.save(g, cfg, proc, g.snapshot_tmp)
     dt = time.monotonic() - t0
+    shutil.rmtree(g.snapshot_base, ignore_errors=True)  # merged into the new snapshot, or superseded
     (g.snapshot_tmp / "config.json").write_text(json.dumps(cfg.to_json()))
     os.rename(g.snapshot_tmp, g.snapshot_latest)
     assert not proc.alive()
@@ -185,7 +186,7 @@ def standby(env: FcEnv, g: GuestDir, cfg: VMConfig, proc: ProcRef) -> float:
 def restore(env: FcEnv, g: GuestDir, cfg: VMConfig) -> tuple[ProcRef, float]:
     os.rename(g.snapshot_latest, g.restoring)
     t0 = time.monotonic()
-    proc = env.hv.restore(g, cfg, env.image, g.restoring)
+    proc = env.hv.restore(g, cfg, env.image, g.restoring).proc
     dt = time.monotonic() - t0
     env.procs.append(proc)
     shutil.rmtree(g.snapshot_base, ignore_errors=True)
@@ -205,7 +206,7 @@ def fork_of(env: FcEnv, src: GuestDir, iid: str, cid: int) -> tuple[GuestDir, fl
 
 def fork_cfg(g: GuestDir, iid: str) -> VMConfig:
     cfg = VMConfig.from_json(json.loads((g.snapshot_latest / "config.json").read_text()))
-    cfg.extra["id"] = iid
+    cfg.id = iid
     return cfg
 
 
@@ -216,7 +217,7 @@ def test_seed_scenario_on_real_firecracker(fc: FcEnv, mem_mib: int, report: list
     sid, fid = f"src{mem_mib:09d}", f"frk{mem_mib:09d}"
     src = fc.guest(sid, cid=3)
     cfg = VMConfig("firecracker", mem_mib, 1, "kvm", fc.image.digest,
-                   hv.kernel_cmdline("kvm", "src") + f" vmfork.seed={token.decode()}", hv.version(), {"id": sid})
+                   hv.kernel_cmdline("kvm", "src") + f" vmfork.seed={token.decode()}", hv.version(), id=sid)
 
     # 1. boot a source whose command line carries the token; let its kernel run ~2 s
     proc = hv.boot(src, cfg, fc.image)
@@ -226,7 +227,7 @@ def test_seed_scenario_on_real_firecracker(fc: FcEnv, mem_mib: int, report: list
 
     # 2. pause, Full standby
     full_s = standby(fc, src, cfg, proc)
-    assert cfg.extra["fc_snapshot_type"] == "Full"
+    assert cfg.snapshot_type == "Full"
     smem = src.snapshot_latest / "memory"
     assert smem.stat().st_size == mem_mib << 20
     assert contains(smem, token), "the kernel command line (with the token) is not in guest memory"
@@ -264,7 +265,7 @@ def test_seed_scenario_on_real_firecracker(fc: FcEnv, mem_mib: int, report: list
 
     # 7. Diff standby into the fork's own mem-file: written in place, the source unchanged
     diff_s = standby(fc, fork, fcfg, fproc)
-    assert fcfg.extra["fc_snapshot_type"] == "Diff"
+    assert fcfg.snapshot_type == "Diff"
     assert fingerprint(fmem)[0] == base_id  # merged into the file it was restored from, no copy
     assert fingerprint(fmem)[1] != before["memory"][1]
     written = extent_stats(fmem).exclusive_bytes  # the copy-on-write extents: what the Diff wrote
@@ -277,7 +278,7 @@ def test_seed_scenario_on_real_firecracker(fc: FcEnv, mem_mib: int, report: list
     fproc, load2_s = restore(fc, fork, fcfg)
     time.sleep(0.5)
     diff2_s = standby(fc, fork, fcfg, fproc)
-    assert fcfg.extra["fc_snapshot_type"] == "Diff"
+    assert fcfg.snapshot_type == "Diff"
     fproc, _ = restore(fc, fork, fcfg)
     time.sleep(0.5)
     assert fproc.alive() and hv.status(fork, fproc) == "running", hv.vmm_log_tail(fork)
@@ -287,7 +288,7 @@ def test_seed_scenario_on_real_firecracker(fc: FcEnv, mem_mib: int, report: list
     os.link(fork.snapshot_base / "memory", other)
     linked = fingerprint(other)
     standby(fc, fork, fcfg, fproc)
-    assert fcfg.extra["fc_snapshot_type"] == "Diff"
+    assert fcfg.snapshot_type == "Diff"
     assert fingerprint(other) == linked  # the other link saw nothing
     assert os.stat(fmem).st_ino != linked[0][1] and os.stat(fmem).st_nlink == 1
     other.unlink()
@@ -305,7 +306,7 @@ def test_seed_scenario_on_real_firecracker(fc: FcEnv, mem_mib: int, report: list
         mapped = fingerprint(fork.snapshot_base / "memory")
         time.sleep(0.3)
         standby(fc, fork, fcfg, fproc)
-        assert fcfg.extra["fc_snapshot_type"] == "Diff"
+        assert fcfg.snapshot_type == "Diff"
         assert os.stat(fmem).st_ino != mapped[0][1]
         view = [p for p in Path(f"/proc/{mapper.pid}/map_files").iterdir() if os.stat(p).st_ino == mapped[0][1]]
         assert view and hashlib.sha256(view[0].read_bytes()).hexdigest() == mapped[1]

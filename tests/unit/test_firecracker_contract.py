@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -422,7 +423,7 @@ class Env:
     def cfg(self, iid: str, name: str = "vm") -> VMConfig:
         return VMConfig(hypervisor="firecracker", memory_mib=MEM_MIB, vcpus=1, accel="kvm",
                         image_digest=self.image.digest, cmdline=self.hv.kernel_cmdline("kvm", name),
-                        vmm_version=self.hv.version(), extra={"id": iid})
+                        vmm_version=self.hv.version(), id=iid)
 
     def records(self, kind: str = "request", pid: int | None = None) -> list[dict[str, Any]]:
         return [r for r in read_log(self.log) if r["kind"] == kind and (pid is None or r["pid"] == pid)]
@@ -431,12 +432,13 @@ class Env:
     def standby(self, g: GuestDir, cfg: VMConfig, proc: ProcRef) -> None:
         g.snapshot_tmp.mkdir(parents=True)
         self.hv.save(g, cfg, proc, g.snapshot_tmp)
+        shutil.rmtree(g.snapshot_base, ignore_errors=True)  # merged into the new snapshot, or superseded
         (g.snapshot_tmp / "config.json").write_text(json.dumps(cfg.to_json()))
         os.rename(g.snapshot_tmp, g.snapshot_latest)
 
     def restore(self, g: GuestDir, cfg: VMConfig) -> ProcRef:
         os.rename(g.snapshot_latest, g.restoring)
-        proc = self.hv.restore(g, cfg, self.image, g.restoring)
+        proc = self.hv.restore(g, cfg, self.image, g.restoring).proc
         os.rename(g.restoring, g.snapshot_base)  # restore_consumes_snapshot=False
         return proc
 
@@ -482,8 +484,7 @@ def fingerprint(path: Path) -> tuple[int, str]:
 
 def test_capabilities_and_command_line(env: Env) -> None:
     caps = env.hv.capabilities
-    assert (caps.file_backed_memory, caps.diff_snapshots, caps.agent_transport, caps.restore_consumes_snapshot) \
-        == (False, True, "vsock", False)
+    assert (caps.file_backed_memory, caps.restore_consumes_snapshot) == (False, False)
     line = env.hv.kernel_cmdline("kvm", "web-1").split()
     assert {"console=ttyS0", "reboot=k", "panic=1", "pci=off", "vmfork.hostname=web-1",
             f"vmfork.agent_port={AGENT_PORT}"} <= set(line)
@@ -543,7 +544,7 @@ def test_each_version_gets_its_own_request_shapes(env: Env, validator: SpecValid
         assert loads[0]["track_dirty_pages"] is True and "enable_diff_snapshots" not in loads[0]
         assert loads[0]["vsock_override"] == {"uds_path": VSOCK_UDS}
         assert b"InstanceStart" in g.console_log.read_bytes()
-    assert cfg.extra["fc_snapshot_type"] == "Diff"
+    assert cfg.snapshot_type == "Diff"
     assert contract_errors(validator, env.log) == []
 
 
@@ -560,7 +561,7 @@ def test_no_diff_of_a_guest_over_3_gib_before_v1_15(tmp_path: Path, monkeypatch:
         e.standby(g, cfg, e.hv.boot(g, cfg, e.image))
         proc = e.restore(g, cfg)
         e.standby(g, cfg, proc)
-        assert cfg.extra["fc_snapshot_type"] == want, version
+        assert cfg.snapshot_type == want, version
         assert (g.snapshot_latest / "memory").stat().st_size == 3100 << 20
 
 
@@ -597,7 +598,7 @@ def test_boot_full_restore_diff_lifecycle(env: Env, validator: SpecValidator) ->
     env.standby(g, cfg, proc)
     assert not proc.alive()
     snap = g.snapshot_latest
-    assert cfg.extra["fc_snapshot_type"] == "Full" and cfg.extra["fc_snapshot_version"] == VERSIONS[cfg.vmm_version]
+    assert cfg.snapshot_type == "Full" and cfg.snapshot_version == VERSIONS[cfg.vmm_version]
     assert cfg.vmm_version == env.hv.version()
     assert (snap / "memory").stat().st_size == MEM_MIB << 20
     assert read_page(snap / "memory", 7) == b"before the first standby"
@@ -608,7 +609,7 @@ def test_boot_full_restore_diff_lifecycle(env: Env, validator: SpecValidator) ->
     base_ino = (g.snapshot_base / "memory").stat().st_ino
     guest_writes(g, {5: "after the restore"})
     env.standby(g, cfg, proc)
-    assert cfg.extra["fc_snapshot_type"] == "Diff"
+    assert cfg.snapshot_type == "Diff"
     mem = g.snapshot_latest / "memory"
     assert mem.stat().st_ino == base_ino  # merged in place: only the dirty pages were written
     assert read_page(mem, 0).startswith(b"booted by fake firecracker")  # from the Full, kept
@@ -669,7 +670,7 @@ def test_fork_restore_gets_its_own_files_and_never_touches_the_source(
 
     fork = _clone(env, src, "frk000000002", cid=4)
     fcfg = VMConfig.from_json(json.loads((fork.snapshot_latest / "config.json").read_text()))
-    fcfg.extra["id"] = "frk000000002"
+    fcfg.id = "frk000000002"
     proc = env.restore(fork, fcfg)
     fork_state = (fork.snapshot_base / "state").read_bytes()
     if absolute:
@@ -690,7 +691,7 @@ def test_fork_restore_gets_its_own_files_and_never_touches_the_source(
 
     guest_writes(fork, {9: "fork only"})
     env.standby(fork, fcfg, proc)
-    assert fcfg.extra["fc_snapshot_type"] == "Diff"
+    assert fcfg.snapshot_type == "Diff"
     assert read_page(fork.snapshot_latest / "memory", 9) == b"fork only"
     after = {f: fingerprint(src.snapshot_latest / f) for f in ("memory", "state")} | {"disk": fingerprint(src.disk)}
     assert after == before
@@ -713,7 +714,7 @@ def test_diff_never_writes_into_a_shared_mem_file(env: Env, tmp_path: Path) -> N
     shared = fingerprint(other)
     guest_writes(g, {11: "dirty"})
     env.standby(g, cfg, proc)
-    assert cfg.extra["fc_snapshot_type"] == "Diff"
+    assert cfg.snapshot_type == "Diff"
     assert fingerprint(other) == shared  # the other link saw nothing
     mem = g.snapshot_latest / "memory"
     assert mem.stat().st_ino != shared[0] and mem.stat().st_nlink == 1
@@ -758,16 +759,16 @@ def test_diff_only_onto_the_mem_file_this_vmm_was_restored_from(env: Env) -> Non
     stranger.write_bytes(base.read_bytes())
     os.replace(stranger, base)  # same content, another file: not what the VM maps
     env.standby(g, cfg, proc)
-    assert cfg.extra["fc_snapshot_type"] == "Full"
+    assert cfg.snapshot_type == "Full"
     # a cold boot forgets any base
     proc = env.restore(g, cfg)
     assert g.snapshot_base.exists()
     env.hv.quit(g, proc)
     proc = env.hv.boot(g, cfg, env.image)
-    assert not g.snapshot_base.exists()
+    assert not (g.run / "fc-base.json").exists()  # (the manager removes the base dir itself)
     g.snapshot_tmp.mkdir()
     env.hv.save(g, cfg, proc, g.snapshot_tmp)
-    assert cfg.extra["fc_snapshot_type"] == "Full"
+    assert cfg.snapshot_type == "Full"
 
 
 # --- errors: Firecracker's fault_message reaches the user verbatim ---------------------------------
@@ -792,7 +793,7 @@ def test_failed_snapshot_create_reports_fault_verbatim_and_resumes(
     assert FAULT in str(ei.value) and "guest left running" in str(ei.value)
     assert proc.alive() and env.hv.status(g, proc) == "running"
     assert list(g.snapshot_tmp.iterdir()) == []
-    assert not g.snapshot_base.exists()  # a Diff may have half-merged into it: never reused
+    assert not (g.run / "fc-base.json").exists()  # a Diff may have half-merged into it: never reused
     tail = [(r["method"], r["path"], r["status"]) for r in env.records(pid=proc.pid) if r["method"] != "GET"][-3:]
     assert tail == [("PATCH", "/vm", 204), ("PUT", "/snapshot/create", 400), ("PATCH", "/vm", 204)]
     assert contract_errors(validator, env.log) == []
@@ -841,10 +842,8 @@ def test_check_snapshot_compat_follows_firecracker_rules(env: Env, tmp_path: Pat
     hv = FirecrackerHypervisor(str(make_fake_firecracker(tmp_path / "v9", version="1.17.0", snapshot_version="9.2.0")))
 
     def cfg(snapshot_version: str | None, vmm_version: str = "1.16.1") -> VMConfig:
-        extra: dict[str, Any] = {"id": "x"}
-        if snapshot_version is not None:
-            extra["fc_snapshot_version"] = snapshot_version
-        return VMConfig("firecracker", 8, 1, "kvm", "d", "", vmm_version, extra)
+        return VMConfig("firecracker", 8, 1, "kvm", "d", "", vmm_version, id="x",
+                        snapshot_version=snapshot_version or "")
 
     hv.check_snapshot_compat(cfg("9.0.0"), "web")  # older minor: Firecracker loads it
     hv.check_snapshot_compat(cfg("9.2.7"), "web")  # any patch
@@ -888,7 +887,7 @@ def test_manager_run_standby_fork_restore_against_the_double(
         m.standby("f1")
         assert fingerprint(src.g.snapshot_latest / "memory") == before
         cfg = json.loads((fork.g.snapshot_latest / "config.json").read_text())
-        assert cfg["extra"]["fc_snapshot_type"] == "Diff" and cfg["vmm_version"] == env.hv.version()
+        assert cfg["snapshot_type"] == "Diff" and cfg["vmm_version"] == env.hv.version()
         assert read_page(fork.g.snapshot_latest / "memory", 20) == b"source"
         assert read_page(fork.g.snapshot_latest / "memory", 21) == b"fork"
         m.rm("f1")

@@ -138,3 +138,16 @@ def test_snapshot_without_manifest_is_checked_by_size(snap: Path) -> None:
     (snap / integrity.MANIFEST).unlink()
     assert integrity.problem(snap, MEM) is None
     assert integrity.problem(snap, 2 * MEM) is not None
+
+
+# --- the VM config saved with a snapshot -------------------------------------------------------
+def test_vm_config_reads_the_untyped_extra_of_earlier_versions() -> None:
+    from vmfork.hypervisor.base import VMConfig
+
+    old = {"hypervisor": "firecracker", "memory_mib": 256, "vcpus": 1, "accel": "kvm", "image_digest": "d",
+           "cmdline": "c", "vmm_version": "1.12.1",
+           "extra": {"id": "abcdefabcdef", "fc_snapshot_version": "5.0.0", "fc_snapshot_type": "Diff"}}
+    cfg = VMConfig.from_json(old | {"taken_at": "ignored"})
+    assert (cfg.id, cfg.snapshot_version, cfg.snapshot_type) == ("abcdefabcdef", "5.0.0", "Diff")
+    assert VMConfig.from_json(cfg.to_json()) == cfg
+    assert "extra" not in cfg.to_json()

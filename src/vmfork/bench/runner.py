@@ -245,7 +245,7 @@ class Bench:
             clone_file(snap / "memory", b / "memory")
             clone_file(src.g.disk, b / "disk.raw")
             os.sync()
-            cfg.extra["id"] = f"bare{i}"
+            cfg.id = f"bare{i}"
             r, p = bare_restore(hv.argv(cfg, image, incoming=True), b, snap / "state")
             bare.append(ms(r.total_s))
             bare_qmp.append(ms(r.spawn_to_qmp_s))

@@ -7,7 +7,7 @@ import os
 import subprocess
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +22,9 @@ from vmfork.util import atomic_write_json
 
 @dataclass(frozen=True)
 class Capabilities:
-    file_backed_memory: bool  # guest RAM is a file we own (QEMU): standby moves it, no copy
-    diff_snapshots: bool  # the VMM can write only dirtied pages into an existing mem-file
-    agent_transport: str  # "virtio-serial" or "vsock"
+    # True (QEMU): the guest RAM is the file ``memory`` in the guest dir while the VMM runs;
+    # the manager moves it into a snapshot at standby (same inode, no copy) and back at restore.
+    file_backed_memory: bool
     # True (QEMU, shared file-backed RAM): the restored VM writes its RAM into the snapshot's
     # mem-file, so the snapshot is gone once the guest runs. False (Firecracker, MAP_PRIVATE):
     # the manager keeps the restored snapshot as snapshots/snapshot-base, the base that the
@@ -43,14 +43,42 @@ class VMConfig:
     image_digest: str
     cmdline: str
     vmm_version: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
+    id: str = ""  # the instance's id (names the VMM process); set anew for a fork
+    cid: int = 0  # the guest's vsock context id (Firecracker)
+    mac: str = ""  # the guest NIC's MAC address (none yet)
+    # Written by the backend into a snapshot's config: the VMM's snapshot data format version
+    # and the kind of snapshot (Firecracker: "Full" or "Diff").
+    snapshot_version: str = ""
+    snapshot_type: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> VMConfig:
-        return cls(**d)
+        """Read a saved config, those of earlier vmfork versions (an ``extra`` dict) too."""
+        d = dict(d)
+        extra = d.pop("extra", None) or {}
+        legacy = {"id": extra.get("id"), "snapshot_version": extra.get("fc_snapshot_version"),
+                  "snapshot_type": extra.get("fc_snapshot_type")}
+        d |= {k: v for k, v in legacy.items() if v is not None and k not in d}
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass
+class SaveResult:
+    """What ``Hypervisor.save`` did: seconds per phase (for timings and the bench)."""
+
+    phases: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class RestoreResult:
+    """The VMM running the restored guest, and seconds per phase of the restore."""
+
+    proc: ProcRef
+    phases: dict[str, float] = field(default_factory=dict)
 
 
 Starter = Callable[..., "subprocess.Popen[bytes]"]
@@ -121,7 +149,7 @@ class Hypervisor(ABC):
 
     @abstractmethod
     def save(self, g: GuestDir, cfg: VMConfig, proc: ProcRef, into: Path, *,
-             state_written: Callable[[], None] | None = None) -> None:
+             state_written: Callable[[], None] | None = None) -> SaveResult:
         """Pause the guest, write its ``state`` (and its ``memory``, unless the guest RAM is
         the file ``g.memory`` -- ``capabilities.file_backed_memory``: the manager moves that
         one) into ``into``, call ``state_written`` once all the VMM writes is complete, then
@@ -129,9 +157,15 @@ class Hypervisor(ABC):
 
     @abstractmethod
     def restore(self, g: GuestDir, cfg: VMConfig, image: Image, snap: Path, *,
-                before_resume: Callable[[], None] | None = None) -> ProcRef:
+                before_resume: Callable[[], None] | None = None) -> RestoreResult:
         """Start a VMM on the snapshot in ``snap`` (with ``file_backed_memory`` its RAM is
         already at ``g.memory``), load it paused, call ``before_resume``, resume it."""
+
+    def prepare_fork(self, fork: GuestDir, snap: Path) -> bool:
+        """Make the freshly cloned snapshot in ``snap`` (in the fork's dir ``fork``) the fork's
+        own, before the fork is committed; True if a file of it was rewritten. Default: nothing
+        to do (relative paths already name the fork's files)."""
+        return False
 
     @abstractmethod
     def quit(self, g: GuestDir, proc: ProcRef) -> None:

@@ -55,6 +55,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -62,7 +63,14 @@ from vmfork import retry
 from vmfork.errors import HypervisorError, VmforkError, WrongState
 from vmfork.guest.agent import AgentClient
 from vmfork.hypervisor import fc_vmstate
-from vmfork.hypervisor.base import Capabilities, Hypervisor, VMConfig, spawn_vmm
+from vmfork.hypervisor.base import (
+    Capabilities,
+    Hypervisor,
+    RestoreResult,
+    SaveResult,
+    VMConfig,
+    spawn_vmm,
+)
 from vmfork.hypervisor.firecracker_api import (
     CONFIG_TIMEOUT,
     SUPPORTED,
@@ -104,8 +112,7 @@ def find_binary(requested: str | None = None) -> tuple[str, str]:
 
 class FirecrackerHypervisor(Hypervisor):
     name = "firecracker"
-    capabilities = Capabilities(file_backed_memory=False, diff_snapshots=True, agent_transport="vsock",
-                                restore_consumes_snapshot=False)
+    capabilities = Capabilities(file_backed_memory=False, restore_consumes_snapshot=False)
 
     def __init__(self, binary: str | None = None) -> None:
         self.requested, self.source = find_binary(binary)
@@ -142,7 +149,7 @@ class FirecrackerHypervisor(Hypervisor):
 
     def check_snapshot_compat(self, cfg: VMConfig, name: str) -> None:
         """Refuse what Firecracker refuses: another major snapshot format, or a newer minor one."""
-        written = str(cfg.extra.get("fc_snapshot_version") or "")
+        written = cfg.snapshot_version
         if not written:  # not recorded: fall back to "same Firecracker version"
             super().check_snapshot_compat(cfg, name)
             return
@@ -170,7 +177,7 @@ class FirecrackerHypervisor(Hypervisor):
         g.ensure_dirs()
         for rel in (API_SOCK, VSOCK_UDS):
             (g.path / rel).unlink(missing_ok=True)
-        argv = [self.binary, "--api-sock", API_SOCK, "--id", f"vmfork-{cfg.extra.get('id', 'probe')}"]
+        argv = [self.binary, "--api-sock", API_SOCK, "--id", f"vmfork-{cfg.id or 'probe'}"]
         proc = spawn_vmm(g, argv, self.name)
         return proc
 
@@ -231,7 +238,7 @@ class FirecrackerHypervisor(Hypervisor):
     # --- lifecycle ------------------------------------------------------------------------
     def boot(self, g: GuestDir, cfg: VMConfig, image: Image) -> ProcRef:
         _forget_base(g)  # a cold boot has no base for a Diff snapshot
-        cid = self._cid(g)
+        cid = cfg.cid or self._cid(g)
         proc = self._spawn(g, cfg)
         try:
             with self._api_ready(g, proc) as api:
@@ -250,7 +257,8 @@ class FirecrackerHypervisor(Hypervisor):
         return proc
 
     def save(self, g: GuestDir, cfg: VMConfig, proc: ProcRef, into: Path, *,
-             state_written: Callable[[], None] | None = None) -> None:
+             state_written: Callable[[], None] | None = None) -> SaveResult:
+        t0 = time.monotonic()
         base_mem = g.snapshot_base / "memory"
         mem, state = into / "memory", into / "state"
         with self._api_of(g, proc) as api:
@@ -283,12 +291,14 @@ class FirecrackerHypervisor(Hypervisor):
                     api.patch_vm("Resumed")
                 raise HypervisorError(f"standby failed, guest left running: {e}") from None
         cfg.vmm_version = fc_version  # the manager writes cfg into the snapshot's config.json
-        cfg.extra["fc_snapshot_version"] = snapshot_version
-        cfg.extra["fc_snapshot_type"] = "Diff" if diff else "Full"
+        cfg.snapshot_version = snapshot_version
+        cfg.snapshot_type = "Diff" if diff else "Full"
+        t_snap = time.monotonic()
         if state_written is not None:
             state_written()
         proc.kill()  # Firecracker has synced both files before answering; it has no "quit" call
         _forget_base(g)  # its mem-file is now part of the new snapshot (Diff) or superseded (Full)
+        return SaveResult({"snapshot_s": t_snap - t0, "exit_s": time.monotonic() - t_snap})
 
     def _diff_base_ok(self, g: GuestDir, cfg: VMConfig, proc: ProcRef, base_mem: Path) -> bool:
         """True if ``base_mem`` is the mem-file this very VMM was restored from, at full size."""
@@ -302,7 +312,8 @@ class FirecrackerHypervisor(Hypervisor):
             and st.st_size == cfg.memory_mib << 20
 
     def restore(self, g: GuestDir, cfg: VMConfig, image: Image, snap: Path, *,
-                before_resume: Callable[[], None] | None = None) -> ProcRef:
+                before_resume: Callable[[], None] | None = None) -> RestoreResult:
+        t0 = time.monotonic()
         g.ensure_dirs()
         _forget_base(g)  # only the snapshot being restored can become the base
         state, mem = snap / "state", snap / "memory"
@@ -325,7 +336,10 @@ class FirecrackerHypervisor(Hypervisor):
         st = os.stat(mem)
         atomic_write_json(g.run / BASE_RECORD, {"pid": proc.pid, "start": proc.start, "dev": st.st_dev,
                                                 "ino": st.st_ino}, durable=False)
-        return proc
+        return RestoreResult(proc, {"load_resume_s": time.monotonic() - t0})
+
+    def prepare_fork(self, fork: GuestDir, snap: Path) -> bool:
+        return self._own_state_paths(fork, snap / "state")
 
     def _check_own_vsock(self, g: GuestDir, dialect: Dialect) -> None:
         """Without ``vsock_override`` (before v1.16) the VMM binds the ``uds_path`` the state
@@ -337,7 +351,7 @@ class FirecrackerHypervisor(Hypervisor):
                 "vsock_override before v1.16, and the snapshot's vsock path is not this instance's "
                 f"relative {VSOCK_UDS}); refusing to run it")
 
-    def _own_state_paths(self, g: GuestDir, state: Path) -> None:
+    def _own_state_paths(self, g: GuestDir, state: Path) -> bool:
         """Point absolute paths into another instance's dir at this one (see the module doc)."""
         try:
             data = state.read_bytes()
@@ -348,7 +362,7 @@ class FirecrackerHypervisor(Hypervisor):
         pattern = re.escape(guests) + rb"/([0-9a-z]{%d})/" % ID_LEN
         foreign = {m.group(1) for m in re.finditer(pattern, data[:-fc_vmstate.CRC_LEN])} - {own}
         if not foreign:
-            return
+            return False
         if len(own) != ID_LEN:
             raise HypervisorError(f"snapshot state {state} names other instances' files and this "
                                   f"instance's dir name '{g.path.name}' cannot replace them")
@@ -363,6 +377,7 @@ class FirecrackerHypervisor(Hypervisor):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, state)
+        return True
 
     def quit(self, g: GuestDir, proc: ProcRef) -> None:
         proc.kill()
@@ -400,8 +415,8 @@ def _rel(g: GuestDir, p: Path) -> str:
 
 
 def _forget_base(g: GuestDir) -> None:
+    """No Diff into the base from now on (its directory is the manager's to remove)."""
     (g.run / BASE_RECORD).unlink(missing_ok=True)
-    shutil.rmtree(g.snapshot_base, ignore_errors=True)
 
 
 def _unshare(path: Path, own: ProcRef) -> None:

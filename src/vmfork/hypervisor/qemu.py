@@ -21,7 +21,16 @@ from typing import TYPE_CHECKING, Any
 from vmfork.errors import HypervisorError
 from vmfork.fs import has_shared_extents
 from vmfork.guest.agent import AgentClient
-from vmfork.hypervisor.base import Capabilities, Hypervisor, Starter, VMConfig, spawn_vmm, tail
+from vmfork.hypervisor.base import (
+    Capabilities,
+    Hypervisor,
+    RestoreResult,
+    SaveResult,
+    Starter,
+    VMConfig,
+    spawn_vmm,
+    tail,
+)
 from vmfork.hypervisor.thp import popen_without_ram_thp, ram_thp_kept
 from vmfork.images import Image
 from vmfork.layout import GuestDir, short_path
@@ -45,12 +54,10 @@ def host_tsc_khz() -> int:
 
 class QemuHypervisor(Hypervisor):
     name = "qemu"
-    capabilities = Capabilities(file_backed_memory=True, diff_snapshots=True, agent_transport="virtio-serial")
+    capabilities = Capabilities(file_backed_memory=True)
 
     def __init__(self, binary: str | None = None) -> None:
         self.binary = binary or os.environ.get("VMFORK_QEMU_BIN") or BINARY
-        #: Seconds per phase of the last restore: spawn, QMP handshake, state load, resume.
-        self.last_phases: dict[str, float] = {}
 
     def available(self) -> str | None:
         if shutil.which(self.binary) is None:
@@ -79,7 +86,7 @@ class QemuHypervisor(Hypervisor):
                if qmp_fd is not None else ["-qmp", "unix:run/qmp.sock,server=on,wait=off"])
         args = [
             self.binary,
-            "-name", f"vmfork-{cfg.extra.get('id', 'probe')},debug-threads=on",
+            "-name", f"vmfork-{cfg.id or 'probe'},debug-threads=on",
             "-accel", cfg.accel,
             *(["-cpu", "host"] if cfg.accel == "kvm" else []),
             "-no-user-config", "-nodefaults", "-display", "none", "-no-reboot",
@@ -157,7 +164,7 @@ class QemuHypervisor(Hypervisor):
         return proc
 
     def save(self, g: GuestDir, cfg: VMConfig, proc: ProcRef, into: Path, *,
-             state_written: Callable[[], None] | None = None) -> None:
+             state_written: Callable[[], None] | None = None) -> SaveResult:
         t0 = time.monotonic()
         fd = os.open(into / "state", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
@@ -188,11 +195,11 @@ class QemuHypervisor(Hypervisor):
         if not proc.wait_exit(10):
             proc.kill()
         t1 = time.monotonic()
-        self.last_phases = {"qmp_s": t_qmp - t0, "state_s": t_state - t_qmp, "quit_s": t_quit - t_state,
-                            "exit_s": t1 - t_quit}
+        return SaveResult({"qmp_s": t_qmp - t0, "state_s": t_state - t_qmp, "quit_s": t_quit - t_state,
+                           "exit_s": t1 - t_quit})
 
     def restore(self, g: GuestDir, cfg: VMConfig, image: Image, snap: Path, *,
-                before_resume: Callable[[], None] | None = None) -> ProcRef:
+                before_resume: Callable[[], None] | None = None) -> RestoreResult:
         t0 = time.monotonic()
         _uncache_if_shared(g.memory)
         fd = os.open(snap / "state", os.O_RDONLY | os.O_CLOEXEC)
@@ -212,13 +219,13 @@ class QemuHypervisor(Hypervisor):
                         before_resume()  # from here on the guest runs on (and writes) its RAM file
                     q.execute("cont")
                     t_cont = time.monotonic()
-                self.last_phases = {"spawn_s": t_spawn - t0, "qmp_s": t_qmp - t_spawn,
-                                    "load_s": t_load - t_qmp, "resume_s": t_cont - t_load}
+                phases = {"spawn_s": t_spawn - t0, "qmp_s": t_qmp - t_spawn,
+                          "load_s": t_load - t_qmp, "resume_s": t_cont - t_load}
             except HypervisorError as e:
                 raise self._fail(g, proc, "restore failed", e) from None
         finally:
             os.close(fd)
-        return proc
+        return RestoreResult(proc, phases)
 
     def quit(self, g: GuestDir, proc: ProcRef) -> None:
         if not proc.alive():

@@ -403,7 +403,7 @@ class Manager:
         return VMConfig(
             hypervisor=inst.hypervisor, memory_mib=inst.memory_mib, vcpus=inst.vcpus, accel=inst.accel,
             image_digest=inst.image_digest, cmdline=hv.kernel_cmdline(inst.accel, inst.name),
-            vmm_version=hv.version(), extra={"id": inst.id},
+            vmm_version=hv.version(), id=inst.id, cid=inst.cid, mac=inst.mac,
         )
 
     def _boot(self, inst: Instance, image: Image) -> None:
@@ -411,6 +411,7 @@ class Manager:
         cfg = self._config(inst, hv)
         g = inst.g
         util.atomic_write_json(g.run / "config.json", cfg.to_json(), durable=False)
+        shutil.rmtree(g.snapshot_base, ignore_errors=True)  # a cold boot has no base for a Diff
         proc = hv.boot(g, cfg, image)
         self._agent_ready(inst, hv, proc, BOOT_TIMEOUT, "boot")
 
@@ -564,8 +565,9 @@ class Manager:
             util.atomic_write_json(tmp / "config.json", cfg.to_json() | {"taken_at": _now()}, durable=False)
             integrity.write_manifest(tmp, inst.memory_mib << 20)
 
-        hv.save(g, cfg, st.proc, tmp, state_written=state_written)
+        saved = hv.save(g, cfg, st.proc, tmp, state_written=state_written)
         crashpoint("standby:vmm-stopped")
+        shutil.rmtree(g.snapshot_base, ignore_errors=True)  # merged into this snapshot, or superseded
         t_save = time.monotonic()
         if hv.capabilities.file_backed_memory:
             os.rename(g.memory, tmp / "memory")  # same inode: no copy
@@ -574,7 +576,7 @@ class Manager:
         crashpoint("standby:committed")
         g.vmm_json.unlink(missing_ok=True)
         t1 = time.monotonic()
-        phases = {f"save_{k}": round(v, 4) for k, v in getattr(hv, "last_phases", {}).items()}
+        phases = {f"save_{k}": round(v, 4) for k, v in saved.phases.items()}
         return {"save_s": round(t_save - t0, 4), **phases, "fsync_s": round(t1 - t_save, 4),
                 "total_s": round(t1 - t0, 4), "end_execs_s": round(t0 - t_execs, 4)}
 
@@ -607,7 +609,7 @@ class Manager:
             {k: v for k, v in util.read_json(g.snapshot_latest / "config.json").items() if k != "taken_at"}
         )
         hv.check_snapshot_compat(cfg, inst.name)
-        cfg.extra["id"] = inst.id
+        cfg.id, cfg.cid, cfg.mac = inst.id, inst.cid, inst.mac  # a fork's own, not its source's
         image = self.image(cfg.image_digest)
         r = g.restoring
         shutil.rmtree(r, ignore_errors=True)
@@ -628,7 +630,9 @@ class Manager:
 
         t_prep = time.monotonic()
         try:
-            proc = hv.restore(g, cfg, image, r, before_resume=before_resume)
+            shutil.rmtree(g.snapshot_base, ignore_errors=True)  # only this snapshot can become the base
+            restored = hv.restore(g, cfg, image, r, before_resume=before_resume)
+            proc = restored.proc
         except BaseException:
             if not resumed or not hv.capabilities.restore_consumes_snapshot:
                 self._give_back(g, file_backed)
@@ -648,7 +652,7 @@ class Manager:
         crashpoint("restore:ready")
         self._finish_restore(g, hv)
         t1 = time.monotonic()
-        phases = {k: round(v, 4) for k, v in (getattr(hv, "last_phases", {}) | agent_phases).items()}
+        phases = {k: round(v, 4) for k, v in (restored.phases | agent_phases).items()}
         return {"prep_s": round(t_prep - t0, 4), **phases, "vmm_s": round(t_vmm - t0, 4),
                 "agent_s": round(t1 - t_vmm, 4), "total_s": round(t1 - t0, 4)}
 
@@ -735,6 +739,9 @@ class Manager:
             self._check_name_free(name)
             try:
                 stats = clone_tree(src.dir, tmp, skip=_guest_skip)
+                snap = GuestDir(tmp).snapshot_latest
+                if self.hypervisor(src).prepare_fork(GuestDir(self.dd.guests / iid), snap):
+                    integrity.write_manifest(snap, src.memory_mib << 20)  # its own state now
                 crashpoint("fork:cloned")
                 t_meta = time.monotonic()
                 fork = Instance(
