@@ -231,6 +231,9 @@ def ps(c: Ctx, as_json: bool) -> None:
             t.add_row(*map(_clean, (r["name"], r["id"], r["state"], r["hypervisor"], r["accel"],
                                     f"{r['memory_mib']}M", str(r["pid"] or "-"), r["parent"] or "-")))
         out.print(t)
+        for r in rows:  # an instance in state "error" says why, below the table
+            if r.get("problem"):
+                out.print(_clean(f"{r['name']}: {r['problem']}"))
 
     _emit(as_json, rows, human)
 
