@@ -62,6 +62,9 @@ def spawn_vmm(g: GuestDir, argv: list[str], hypervisor: str, *, pass_fds: tuple[
     ``start`` replaces ``subprocess.Popen`` (same arguments), e.g. to add a seccomp filter.
     """
     g.ensure_dirs()
+    from vmfork.confine import starter  # the guest's confinement plan, if it has one
+
+    start = starter(g, hypervisor, argv[0], start) or start
     with open(g.vmm_log, "ab") as log:
         log.write(f"--- {' '.join(argv)}\n".encode())
         log.flush()
@@ -70,8 +73,9 @@ def spawn_vmm(g: GuestDir, argv: list[str], hypervisor: str, *, pass_fds: tuple[
                 argv, cwd=g.path, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                 start_new_session=True, close_fds=True, pass_fds=pass_fds,
             )
-        except OSError as e:
-            raise HypervisorError(f"cannot start {argv[0]}: {e.strerror}") from None
+        except (OSError, subprocess.SubprocessError) as e:
+            raise HypervisorError(f"cannot start {argv[0]}: {getattr(e, 'strerror', None) or e}"
+                                  + (f" ({tail(g.vmm_log, 1)})" if isinstance(e, subprocess.SubprocessError) else "")) from None
     p.returncode = 0  # detached: we track it by ProcRef; silence Popen's ResourceWarning
     proc = ProcRef.of(p.pid)
     atomic_write_json(g.vmm_json, {"pid": proc.pid, "start": proc.start, "hypervisor": hypervisor},
