@@ -168,7 +168,7 @@ def _own_tree(top: Path, uid: int, gid: int) -> None:
         _own(Path(dirpath), uid, gid, 0o700)
         for n in filenames:
             p = Path(dirpath) / n
-            if not p.is_symlink():
+            if stat.S_ISREG(os.lstat(p).st_mode):  # not symlinks; sockets are made anew by the VMM
                 _own(p, uid, gid, 0o600)
         dirnames[:] = [d for d in dirnames if not (Path(dirpath) / d).is_symlink()]
 
