@@ -259,11 +259,15 @@ def clean(data_dir: Path, live: set[str]) -> list[str]:
     if h is None:
         return []
     prefix = cgroups.data_dir_prefix(data_dir)
+    owned = ids.live_owners()  # instances of any data dir on this host that have a uid
     out = []
     for name in sorted(h.groups()):
-        iid = name.removeprefix(prefix)
-        if name.startswith(prefix) and iid not in live and cgroups.remove(h, name, timeout=0):
-            out.append(f"removed the leftover cgroup {h.parent_name}/{name}")
+        iid = name.partition(".")[2]
+        if name.startswith(prefix):
+            if iid not in live and cgroups.remove(h, name, timeout=0):
+                out.append(f"removed the leftover cgroup {h.parent_name}/{name}")
+        elif iid not in owned:  # another data dir's, whose instance is gone (e.g. a deleted dir)
+            cgroups.remove(h, name, timeout=0)
     return out
 
 

@@ -171,7 +171,7 @@ def create(h: Hierarchy, group: str, limits: Limits) -> dict[str, Path]:
         parent.mkdir(exist_ok=True)
         _enable_v2(root, parent)
         d = paths["memory"]
-        d.mkdir()
+        d.mkdir(exist_ok=True)  # still busy (a VMM exiting): reused, its counters kept
         _write(d / "memory.max", str(limits.memory_bytes))
         if (d / "memory.swap.max").exists():
             _write(d / "memory.swap.max", "0")
@@ -186,7 +186,7 @@ def create(h: Hierarchy, group: str, limits: Limits) -> dict[str, Path]:
         return paths
     for d in paths.values():
         d.parent.mkdir(exist_ok=True)
-        d.mkdir()
+        d.mkdir(exist_ok=True)
     _write(paths["memory"] / "memory.limit_in_bytes", str(limits.memory_bytes))
     _write(paths["pids"] / "pids.max", str(limits.pids))
     if limits.cpus is not None and "cpu" in paths:

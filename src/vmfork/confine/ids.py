@@ -115,3 +115,14 @@ def free(data_dir: Path, iid: str) -> None:
 
 def owner_of(uid: int) -> Owner | None:
     return _read(registry() / str(uid))
+
+
+def live_owners() -> set[str]:
+    """Instance ids of every claim whose instance still exists."""
+    reg = registry()
+    out = set()
+    for f in reg.iterdir() if reg.is_dir() else []:
+        owner = _read(f) if f.name.isdigit() else None
+        if owner is not None and owner.exists():
+            out.add(owner.iid)
+    return out
