@@ -124,14 +124,21 @@ pass_ctx = click.make_pass_decorator(Ctx)
 @click.option("--vcpus", default=1, show_default=True, type=int, help="Virtual CPUs.")
 @click.option("--hypervisor", default="qemu", show_default=True, help="qemu or firecracker.")
 @click.option("--accel", default="auto", show_default=True, help="auto (probe KVM, else TCG), kvm or tcg.")
+@click.option("--cpus", type=float, default=None, help="CPU limit of the VMM in cores (e.g. 0.5) [default: none].")
+@click.option("--memory-limit", default=None, help="Memory limit of the VMM [default: guest RAM + overhead].")
+@click.option("--pids-limit", type=int, default=None, help="Threads/processes limit of the VMM [default: 256].")
+@click.option("--io-weight", type=int, default=None, help="I/O weight of the VMM, 1-10000 [default: the host's].")
 @json_opt
 @pass_ctx
-def run(c: Ctx, name: str, memory: str, vcpus: int, hypervisor: str, accel: str, as_json: bool) -> None:
+def run(c: Ctx, name: str, memory: str, vcpus: int, hypervisor: str, accel: str, cpus: float | None,
+        memory_limit: str | None, pids_limit: int | None, io_weight: int | None, as_json: bool) -> None:
     """Create instance NAME and boot it; returns once its guest agent answers."""
     util.validate_name(name)
     memory_mib = util.parse_memory(memory)
+    limits = {"cpus": cpus, "pids": pids_limit, "io_weight": io_weight,
+              "memory_limit_mib": util.parse_size(memory_limit, "memory limit") >> 20 if memory_limit else None}
     t0 = time.monotonic()
-    inst = c.mgr.run(name, memory_mib=memory_mib, vcpus=vcpus, hypervisor=hypervisor, accel=accel)
+    inst = c.mgr.run(name, memory_mib=memory_mib, vcpus=vcpus, hypervisor=hypervisor, accel=accel, limits=limits)
     secs = time.monotonic() - t0
     d = c.mgr.describe(inst) | {"seconds": round(secs, 3)}
     _emit(as_json, d, lambda: out.print(f"{inst.name} ({inst.id}) running, {inst.accel}, ready in {secs:.2f}s"))
@@ -228,7 +235,8 @@ def ps(c: Ctx, as_json: bool) -> None:
         for col in ("NAME", "ID", "STATE", "HYPERVISOR", "ACCEL", "MEMORY", "PID", "PARENT"):
             t.add_column(col)
         for r in rows:
-            t.add_row(*map(_clean, (r["name"], r["id"], r["state"], r["hypervisor"], r["accel"],
+            state = r["state"] + (f" ({r['last_exit'].split(' (')[0]})" if r.get("last_exit") else "")
+            t.add_row(*map(_clean, (r["name"], r["id"], state, r["hypervisor"], r["accel"],
                                     f"{r['memory_mib']}M", str(r["pid"] or "-"), r["parent"] or "-")))
         out.print(t)
         for r in rows:  # an instance in state "error" says why, below the table

@@ -92,6 +92,9 @@ def spawn_vmm(g: GuestDir, argv: list[str], hypervisor: str, *, pass_fds: tuple[
     ``start`` replaces ``subprocess.Popen`` (same arguments), e.g. to add a seccomp filter.
     """
     g.ensure_dirs()
+    from vmfork.confine import starter  # the guest's confinement plan, if it has one
+
+    start = starter(g, hypervisor, argv[0], start) or start
     with open(os.open(g.vmm_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, PRIVATE_FILE), "ab") as log:
         log.write(f"--- {' '.join(argv)}\n".encode())
         log.flush()
@@ -101,8 +104,9 @@ def spawn_vmm(g: GuestDir, argv: list[str], hypervisor: str, *, pass_fds: tuple[
                 start_new_session=True, close_fds=True, pass_fds=pass_fds,
                 umask=PRIVATE_UMASK,  # the RAM file, console log and sockets the VMM creates
             )
-        except OSError as e:
-            raise HypervisorError(f"cannot start {argv[0]}: {e.strerror}") from None
+        except (OSError, subprocess.SubprocessError) as e:
+            raise HypervisorError(f"cannot start {argv[0]}: {getattr(e, 'strerror', None) or e}"
+                                  + (f" ({tail(g.vmm_log, 1)})" if isinstance(e, subprocess.SubprocessError) else "")) from None
     p.returncode = 0  # detached: we track it by ProcRef; silence Popen's ResourceWarning
     proc = ProcRef.of(p.pid)
     atomic_write_json(g.vmm_json, {"pid": proc.pid, "start": proc.start, "hypervisor": hypervisor},

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from vmfork import confine
 from vmfork.errors import HypervisorError
 from vmfork.fs import has_shared_extents
 from vmfork.guest.agent import AgentClient
@@ -75,11 +76,12 @@ class QemuHypervisor(Hypervisor):
         return " ".join(parts)
 
     def argv(self, cfg: VMConfig, image: Image, *, incoming: bool = False,
-             qmp_fd: int | None = None) -> list[str]:
+             qmp_fd: int | None = None, agent_fd: int | None = None) -> list[str]:
         """The QEMU command line; all instance paths are relative to the guest dir (cwd).
 
         With ``qmp_fd`` QMP listens on that inherited, already listening socket (bound to
-        ``run/qmp.sock`` by us) instead of creating ``run/qmp.sock`` itself.
+        ``run/qmp.sock`` by us) instead of creating ``run/qmp.sock`` itself; ``agent_fd``
+        likewise for ``run/agent.sock`` (a confined QEMU cannot create files in ``run/``).
         """
         mem = f"{cfg.memory_mib}M"
         qmp = (["-chardev", f"socket,id=qmp,fd={qmp_fd},server=on,wait=off", "-mon", "chardev=qmp,mode=control"]
@@ -98,7 +100,8 @@ class QemuHypervisor(Hypervisor):
             "-chardev", "file,id=con,path=logs/console.log,append=on", "-serial", "chardev:con",
             "-device", "virtio-rng-device",  # no RDRAND under TCG: getrandom() would block at boot
             "-device", "virtio-serial-device",
-            "-chardev", "socket,id=agent,path=run/agent.sock,server=on,wait=off",
+            "-chardev", (f"socket,id=agent,fd={agent_fd},server=on,wait=off" if agent_fd is not None
+                         else "socket,id=agent,path=run/agent.sock,server=on,wait=off"),
             "-device", "virtserialport,chardev=agent,name=agent",
             *qmp,
             "-drive", f"file={image.rootfs},format=raw,if=none,id=root,readonly=on",
@@ -123,10 +126,14 @@ class QemuHypervisor(Hypervisor):
         for sock in ("qmp.sock", "agent.sock"):
             (g.run / sock).unlink(missing_ok=True)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        agent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             listener.bind(short_path(g.run / "qmp.sock"))
             listener.listen(16)
-            argv = self.argv(cfg, image, incoming=incoming, qmp_fd=listener.fileno())
+            agent.bind(short_path(g.run / "agent.sock"))
+            agent.listen(1)
+            argv = self.argv(cfg, image, incoming=incoming, qmp_fd=listener.fileno(), agent_fd=agent.fileno())
+            argv += confine.qemu_sandbox_args(g)
             start: Starter | None = None
             if not ram_thp_kept():
                 def start(argv: list[str], **kw: Any) -> subprocess.Popen[bytes]:
@@ -134,9 +141,10 @@ class QemuHypervisor(Hypervisor):
                     if problem:
                         kw["stdout"].write(f"--- vmfork: guest RAM keeps QEMU's huge-page advice: {problem}\n".encode())
                     return p
-            proc = spawn_vmm(g, argv, self.name, pass_fds=(listener.fileno(),), start=start)
+            proc = spawn_vmm(g, argv, self.name, pass_fds=(listener.fileno(), agent.fileno()), start=start)
         finally:
             listener.close()  # QEMU holds the only copy now: if it dies, our connect fails
+            agent.close()
         return proc
 
     def _qmp(self, g: GuestDir, proc: ProcRef, timeout: float = 10.0) -> QMP:

@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from vmfork import util
+from vmfork import confine, util
 from vmfork.errors import (
     AgentError,
     AlreadyExists,
@@ -187,6 +187,7 @@ class Manager:
                     if free:
                         self._kill_vmm_of(GuestDir(d))
                         shutil.rmtree(d, ignore_errors=True)
+                        confine.release(self.dd.root, iid)
                         actions.append(f"removed unfinished {d.name}")
                 continue
             if d.name.startswith(".") or not d.is_dir():
@@ -200,6 +201,7 @@ class Manager:
                     actions += self._recover_guest(Instance.load(d))
         self._kill_orphan_vmms(actions)
         self._remove_stale_locks(actions)
+        actions += confine.clean(self.dd.root, {d.name.split("-", 1)[-1] for d in self.dd.guests.iterdir()})
         return actions
 
     @contextmanager
@@ -338,8 +340,10 @@ class Manager:
                 return iid
 
     def run(self, name: str, *, memory_mib: int = 256, vcpus: int = 1, hypervisor: str = "qemu",
-            accel: str = "auto") -> Instance:
+            accel: str = "auto", limits: dict[str, Any] | None = None) -> Instance:
         util.validate_name(name)
+        limits = {k: v for k, v in (limits or {}).items() if v is not None} or None
+        confine.validate_limits(**{k: (limits or {}).get(k) for k in confine.LIMIT_KEYS})
         if not 1 <= vcpus <= 32:
             raise InvalidArgument(f"invalid vcpus '{vcpus}': must be between 1 and 32")
         if accel not in ("auto", "kvm", "tcg"):
@@ -359,7 +363,7 @@ class Manager:
                 inst = Instance(
                     id=iid, name=name, hypervisor=hypervisor, accel=accel_used, memory_mib=memory_mib,
                     vcpus=vcpus, image_digest=image.digest, created_at=_now(), mac=new_mac(),
-                    cid=self._free_cid(), pending="running", dir=tmp,
+                    cid=self._free_cid(), pending="running", dir=tmp, limits=limits,
                 )
                 try:
                     GuestDir(tmp).ensure_dirs()
@@ -412,8 +416,34 @@ class Manager:
         g = inst.g
         util.atomic_write_json(g.run / "config.json", cfg.to_json(), durable=False)
         shutil.rmtree(g.snapshot_base, ignore_errors=True)  # a cold boot has no base for a Diff
-        proc = hv.boot(g, cfg, image)
-        self._agent_ready(inst, hv, proc, BOOT_TIMEOUT, "boot")
+        self._confine(inst, image)
+        with self._explain_vmm_death(inst):
+            proc = hv.boot(g, cfg, image)
+            self._agent_ready(inst, hv, proc, BOOT_TIMEOUT, "boot")
+
+    def _confine(self, inst: Instance, image: Image) -> None:
+        """Plan the confinement of the next VMM of ``inst``: its own uid (allocated once),
+        its cgroup limits, what it may see (its guest dir and the image)."""
+        if not confine.enabled():
+            confine.clear_plan(inst.g)
+            return
+        if inst.uid is None:
+            self._set_metadata(inst, uid=confine.ids.allocate(self.dd.root, inst.id))
+        assert inst.uid is not None
+        limits = confine.default_limits(inst.memory_mib, inst.accel, **(inst.limits or {}))
+        confine.write_plan(inst.g, data_dir=self.dd.root, iid=inst.id, uid=inst.uid, limits=limits,
+                           hypervisor=inst.hypervisor, accel=inst.accel, ro_dirs=[image.dir])
+
+    @contextmanager
+    def _explain_vmm_death(self, inst: Instance) -> Iterator[None]:
+        """A VMM that died while starting: say so if its cgroup killed it (memory limit)."""
+        try:
+            yield
+        except VmforkError as e:
+            cause = confine.exit_cause(self.dd.root, inst.id)
+            if cause is None:
+                raise
+            raise HypervisorError(f"'{inst.name}': the VMM was killed by its cgroup: {cause}; {e}") from None
 
     def _agent_ready(self, inst: Instance, hv: Hypervisor, proc: ProcRef, timeout: float,
                      what: str) -> dict[str, float]:
@@ -502,6 +532,7 @@ class Manager:
             util.fsync_dir(self.dd.guests)
         crashpoint("rm:renamed")
         self._kill_vmm_of(GuestDir(trash))
+        confine.release(self.dd.root, inst.id)
         crashpoint("rm:vmm-stopped")
         shutil.rmtree(trash, ignore_errors=True)
 
@@ -531,7 +562,7 @@ class Manager:
             except BaseException:
                 conn.close()
                 raise
-        with conn:
+        with conn, self._explain_vmm_death(inst):
             try:
                 return conn.wait_exec(req_id, argv, timeout=timeout, on_stdout=on_stdout,
                                       on_stderr=on_stderr, max_output=max_output)
@@ -621,6 +652,7 @@ class Manager:
         if file_backed:
             os.rename(r / "memory", g.memory)  # the guest RAM is this file while the VMM runs
         crashpoint("restore:memory-moved")
+        self._confine(inst, image)
         resumed = False
 
         def before_resume() -> None:  # the commit point: from here on the guest writes its RAM
@@ -631,7 +663,8 @@ class Manager:
         t_prep = time.monotonic()
         try:
             shutil.rmtree(g.snapshot_base, ignore_errors=True)  # only this snapshot can become the base
-            restored = hv.restore(g, cfg, image, r, before_resume=before_resume)
+            with self._explain_vmm_death(inst):
+                restored = hv.restore(g, cfg, image, r, before_resume=before_resume)
             proc = restored.proc
         except BaseException:
             if not resumed or not hv.capabilities.restore_consumes_snapshot:
@@ -739,6 +772,9 @@ class Manager:
             self._check_name_free(name)
             try:
                 stats = clone_tree(src.dir, tmp, skip=_guest_skip)
+                for d in (tmp, tmp / "logs"):  # not the source VMM's 0710 root:<its gid>: its own, later
+                    if d.is_dir():
+                        os.chmod(d, 0o700)
                 snap = GuestDir(tmp).snapshot_latest
                 if self.hypervisor(src).prepare_fork(GuestDir(self.dd.guests / iid), snap):
                     integrity.write_manifest(snap, src.memory_mib << 20)  # its own state now
@@ -749,6 +785,7 @@ class Manager:
                     memory_mib=src.memory_mib, vcpus=src.vcpus, image_digest=src.image_digest,
                     created_at=_now(), mac=new_mac(), cid=self._free_cid(), parent_id=src.id,
                     parent_name=src.name, identity_applied=False, pending=pending, dir=tmp,
+                    limits=src.limits,  # resource limits, not credentials: the fork gets its own uid
                 )
                 fork.g.ensure_dirs()
                 util.atomic_write_json(fork.g.metadata, fork.to_json(), durable=False)
@@ -765,6 +802,12 @@ class Manager:
         return fork, stats, phases
 
     # --- views ----------------------------------------------------------------------------
+    def _confinement(self, inst: Instance) -> dict[str, Any]:
+        """The VMM's uid, its limits as asked, and its cgroup as it is (limits set, usage)."""
+        limits = confine.default_limits(inst.memory_mib, inst.accel, **(inst.limits or {}))
+        return {"confined": (inst.g.run / confine.PLAN).exists(), "uid": inst.uid, "gid": inst.uid,
+                "limits": limits.to_json(), "cgroup": confine.usage(self.dd.root, inst.id)}
+
     def describe(self, inst: Instance, *, detail: bool = False) -> dict[str, Any]:
         st = self.status(inst)
         state = st.state
@@ -779,6 +822,8 @@ class Manager:
             "accel": inst.accel, "memory_mib": inst.memory_mib, "vcpus": inst.vcpus,
             "pid": st.proc.pid if st.proc else None, "dir": str(inst.dir),
             "created_at": inst.created_at, "parent": parent, "problem": st.problem,
+            "last_exit": (confine.exit_cause(self.dd.root, inst.id)
+                          if st.proc is None and inst.g.vmm_json.exists() else None),
         }
         if detail and not inst.problem:
             from vmfork.fs import allocated_bytes
@@ -799,7 +844,7 @@ class Manager:
                 "image": inst.image_digest, "disk": str(inst.g.disk),
                 "disk_allocated_bytes": allocated_bytes(inst.g.disk) if inst.g.disk.exists() else 0,
                 "console_log": str(inst.g.console_log), "pending": inst.pending,
-                "snapshot": snapshot,
+                "snapshot": snapshot, "confinement": self._confinement(inst),
             }
         return d
 

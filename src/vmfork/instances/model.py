@@ -37,6 +37,10 @@ class Instance:
     # An unfinished creation ("running", "stopped"): run or fork was still bringing the new
     # instance to this state. Cleared once done; a crashed creation is rolled back.
     pending: str | None = None
+    # Confinement: the VMM's own uid (= gid), allocated at its first start (a fork gets its
+    # own), and the resource limits asked for at creation (forks keep their source's).
+    uid: int | None = None
+    limits: dict[str, Any] | None = None
     dir: Path = field(default=Path("."), compare=False)
     # Not stored: why this instance cannot be used (unreadable metadata), if it cannot.
     problem: str | None = field(default=None, compare=False)
