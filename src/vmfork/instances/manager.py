@@ -43,6 +43,10 @@ from vmfork.layout import GuestDir, snapshot_complete
 from vmfork.locking import file_lock, try_lock
 from vmfork.paths import DataDir
 from vmfork.procs import ProcRef
+from vmfork.space import admission, watchdog
+from vmfork.space.admission import Claim, ram_claim
+from vmfork.space.pause import clear_mark, read_mark
+from vmfork.supervisor import death_cause
 
 Progress = Callable[[str], None]
 
@@ -266,7 +270,7 @@ class Manager:
                 return iid
 
     def run(self, name: str, *, memory_mib: int = 256, vcpus: int = 1, hypervisor: str = "qemu",
-            accel: str = "auto") -> Instance:
+            accel: str = "auto", overcommit: bool = False) -> Instance:
         util.validate_name(name)
         if not 1 <= vcpus <= 32:
             raise InvalidArgument(f"invalid vcpus '{vcpus}': must be between 1 and 32")
@@ -277,6 +281,7 @@ class Manager:
         if problem:
             raise HypervisorError(f"hypervisor '{hypervisor}' is not usable here: {problem}")
         self._check_name_free(name)  # fail fast, before any image work
+        self._admit(f"'{name}'", hv, [ram_claim(name, memory_mib << 20, None)], overcommit=overcommit)
         image = ensure_image(self.dd.images, self.progress)
         accel_used, why = resolve_accel(hv, image, accel, self.progress)
         iid = self._new_id()
@@ -313,12 +318,24 @@ class Manager:
             vmm_version=hv.version(), extra={"id": inst.id},
         )
 
+    def _admit(self, what: str, hv: Hypervisor, new: list[Claim], *, overcommit: bool,
+               replacing: tuple[str, ...] = ()) -> None:
+        """Admission control (``vmfork.space.admission``): NoSpace unless the free space
+        covers the RAM that ``new`` and the other running guests (but ``replacing``) can claim."""
+        if overcommit or not hv.capabilities.file_backed_memory:
+            return
+        running = [ram_claim(i.name, i.memory_mib << 20, i.g.memory) for i in self.instances()
+                   if i.id not in replacing and vmm_record(i.g) is not None
+                   and self.hypervisor(i).capabilities.file_backed_memory]
+        admission.check(what, new, running, self.dd.guests)
+
     def _boot(self, inst: Instance, image: Image) -> None:
         hv = self.hypervisor(inst)
         cfg = self._config(inst, hv)
         g = inst.g
         util.atomic_write_json(g.run / "config.json", cfg.to_json(), durable=False)
         proc = hv.boot(g, cfg, image)
+        watchdog.ensure(self.dd.root)
         self._agent_ready(inst, hv, proc, BOOT_TIMEOUT, "boot")
 
     def _agent_ready(self, inst: Instance, hv: Hypervisor, proc: ProcRef, timeout: float,
@@ -338,7 +355,7 @@ class Manager:
         except AgentError as e:
             hv.quit(inst.g, proc)
             console = tail(inst.g.console_log, 6)
-            raise AgentError(f"'{inst.name}': guest agent not ready after {what}: {e}"
+            raise AgentError(f"'{inst.name}': guest agent not ready after {what}: {death_cause(inst.g) or e}"
                              + (f" (console: {console})" if console else "")) from None
 
     def _apply_identity(self, inst: Instance, agent: AgentClient) -> None:
@@ -347,7 +364,7 @@ class Manager:
         util.atomic_write_json(inst.g.metadata, inst.to_json())
 
     # --- start / stop / rm ----------------------------------------------------------------
-    def start(self, ref: str) -> Instance:
+    def start(self, ref: str, *, overcommit: bool = False) -> Instance:
         inst = self.find(ref)
         with self._lock(inst):
             st = self.status(inst).state
@@ -355,6 +372,8 @@ class Manager:
                 raise WrongState(f"instance '{inst.name}' is already running")
             if st == "standby":
                 raise WrongState(f"instance '{inst.name}' is in standby: use 'vmfork restore {inst.name}'")
+            self._admit(f"'{inst.name}'", self.hypervisor(inst),
+                        [ram_claim(inst.name, inst.memory_mib << 20, None)], overcommit=overcommit)
             self._boot(inst, self.image(inst.image_digest))
         return inst
 
@@ -412,13 +431,23 @@ class Manager:
             raise InvalidArgument("no command given: use 'vmfork exec NAME -- CMD [ARGS...]'")
         inst = self.find(ref)
         with self._lock(inst):
-            st = self.status(inst).state
+            status = self.status(inst)
+            st = status.state
             if st != "running":
                 hint = f": use 'vmfork restore {inst.name}'" if st == "standby" else f": use 'vmfork start {inst.name}'"
                 raise WrongState(f"instance '{inst.name}' is {st}{hint}")
-            with self.hypervisor(inst).agent(inst.g, 5.0) as agent:  # connecting pings the agent
-                return agent.exec(argv, stdin=stdin, timeout=timeout, env=env, cwd=cwd,
-                                  on_stdout=on_stdout, on_stderr=on_stderr)
+            if status.proc is not None and (mark := read_mark(inst.g, status.proc)) is not None:
+                raise WrongState(f"instance '{inst.name}' is {mark.describe()}")
+            try:
+                with self.hypervisor(inst).agent(inst.g, 5.0) as agent:  # connecting pings the agent
+                    return agent.exec(argv, stdin=stdin, timeout=timeout, env=env, cwd=cwd,
+                                      on_stdout=on_stdout, on_stderr=on_stderr)
+            except AgentError:
+                cause = death_cause(inst.g)
+                if cause:
+                    raise HypervisorError(f"instance '{inst.name}' died: {cause}; "
+                                          "it is stopped and its RAM is lost") from None
+                raise
 
     # --- standby / restore ----------------------------------------------------------------
     def standby(self, ref: str) -> dict[str, Any]:
@@ -459,10 +488,28 @@ class Manager:
         os.rename(g.snapshot_tmp, g.snapshot_latest)
         util.fsync_dir(g.snapshots)
 
-    def restore(self, ref: str) -> dict[str, Any]:
+    def restore(self, ref: str, *, overcommit: bool = False) -> dict[str, Any]:
         inst = self.find(ref)
         with self._lock(inst):
+            if self.status(inst).state == "standby":
+                self._admit(f"'{inst.name}'", self.hypervisor(inst), [ram_claim(
+                    inst.name, inst.memory_mib << 20, inst.g.snapshot_latest / "memory")], overcommit=overcommit)
             return self._restore_locked(inst)
+
+    def resume(self, ref: str, *, overcommit: bool = False) -> str:
+        """Resume a running guest that is paused (by the space watchdog, or left paused);
+        returns what was done."""
+        inst = self.find(ref)
+        with self._lock(inst):
+            st = self.status(inst)
+            if st.proc is None:
+                raise WrongState(f"instance '{inst.name}' is {st.state}: only a running instance can be resumed")
+            hv = self.hypervisor(inst)
+            self._admit(f"'{inst.name}'", hv, [ram_claim(inst.name, inst.memory_mib << 20, inst.g.memory)],
+                        overcommit=overcommit, replacing=(inst.id,))
+            resumed = hv.resume(inst.g, st.proc)
+            clear_mark(inst.g)
+            return "resumed" if resumed else "not paused"
 
     def _restore_locked(self, inst: Instance) -> dict[str, Any]:
         st = self.status(inst).state
@@ -489,6 +536,7 @@ class Manager:
                 os.rename(g.restoring, g.snapshot_latest)
             raise
         t_vmm = time.monotonic()
+        watchdog.ensure(self.dd.root)
         try:
             agent_phases = self._agent_ready(inst, hv, proc, RESTORE_TIMEOUT, "restore")
         except BaseException:
@@ -509,7 +557,7 @@ class Manager:
 
     # --- fork -----------------------------------------------------------------------------
     def fork(self, src_ref: str, name: str, *, from_running: bool = False,
-             target_state: str | None = None) -> tuple[Instance, dict[str, Any]]:
+             target_state: str | None = None, overcommit: bool = False) -> tuple[Instance, dict[str, Any]]:
         util.validate_name(name)
         if target_state not in (None, "running", "standby", "stopped"):
             raise InvalidArgument(f"invalid target state '{target_state}': use running, standby or stopped")
@@ -525,6 +573,11 @@ class Manager:
                                  "(it is put in standby, forked, and both are restored)")
             if st == "stopped":
                 raise WrongState(f"instance '{src.name}' is stopped: only a standby or running instance can be forked")
+            ram = src.memory_mib << 20  # a running fork and a running source claim all their RAM
+            claims = ([Claim(name, ram, ram)] if target_state == "running" or (target_state is None and was_running)
+                      else []) + ([Claim(src.name, ram, ram)] if was_running else [])
+            if claims:
+                self._admit(f"fork '{name}'", self.hypervisor(src), claims, overcommit=overcommit, replacing=(src.id,))
             if was_running:
                 timings["source_standby"] = self._standby_locked(src)
                 crashpoint("fork:source-standby")
@@ -589,8 +642,12 @@ class Manager:
         if detail and st.proc is not None:
             qs = self.hypervisor(inst).status(inst.g, st.proc)
             state = "paused" if qs in ("paused", "prelaunch", "inmigrate", "postmigrate") else "running"
+        mark = read_mark(inst.g, st.proc) if st.proc is not None else None
+        if mark is not None:
+            state = "paused"
+        problem = mark.describe() if mark else death_cause(inst.g) if state == "stopped" else None
         d: dict[str, Any] = {
-            "id": inst.id, "name": inst.name, "state": state, "hypervisor": inst.hypervisor,
+            "id": inst.id, "name": inst.name, "state": state, "problem": problem, "hypervisor": inst.hypervisor,
             "accel": inst.accel, "memory_mib": inst.memory_mib, "vcpus": inst.vcpus,
             "pid": st.proc.pid if st.proc else None, "dir": str(inst.dir),
             "created_at": inst.created_at, "parent": inst.parent_name,
