@@ -14,16 +14,19 @@ listener runs), and guessing from free space after the fact (space may be freed 
 
 The record is written in place into a file created, with its block allocated, before the
 VMM starts (``1<>`` opens without truncating): it can be written on a full filesystem,
-which is exactly when it matters. Inside the shell the VMM, like any background job of a
-non-interactive shell, starts with SIGINT and SIGQUIT ignored; vmfork stops VMMs with QMP,
-SIGTERM or SIGKILL. After starting it, the shell itself ignores SIGHUP, SIGINT and SIGTERM,
-so a signal to the whole process group still leaves it there to record the VMM's end.
+which is exactly when it matters. The VMM gets its own session, as before (util-linux
+``setsid``, which execs it under the same pid). Like any background job of a
+non-interactive shell, it starts with SIGINT and SIGQUIT ignored; vmfork stops VMMs with
+QMP, SIGTERM or SIGKILL. After starting it, the shell ignores SIGHUP, SIGINT and SIGTERM,
+so it is there to record the VMM's end.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import shutil
 import signal
 import subprocess
 from collections.abc import Callable
@@ -84,7 +87,7 @@ def start_supervised(argv: list[str], cwd: Path, *, start: Callable[..., subproc
     with open(record, "wb") as f:  # the placeholder: its block is what the shell writes into
         f.write(b"running".ljust(_RECORD_LEN - 1) + b"\n")
     sh = (start or subprocess.Popen)(
-        ["/bin/sh", "-c", _SCRIPT, "vmfork-supervisor", EXIT_FILE, *argv],
+        ["/bin/sh", "-c", _SCRIPT, "vmfork-supervisor", EXIT_FILE, *_setsid(), *argv],
         cwd=cwd, stdout=subprocess.PIPE, **popen_kw,
     )
     assert sh.stdout is not None
@@ -101,9 +104,13 @@ def start_supervised(argv: list[str], cwd: Path, *, start: Callable[..., subproc
         raise OSError(f"the supervising shell did not start {argv[0]}") from None
 
 
-def _on_path(cmd: str) -> bool:
-    import shutil
+@functools.cache
+def _setsid() -> list[str]:
+    path = shutil.which("setsid")
+    return [path] if path else []
 
+
+def _on_path(cmd: str) -> bool:
     return "/" not in cmd and shutil.which(cmd) is not None
 
 

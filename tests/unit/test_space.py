@@ -104,7 +104,7 @@ def data_dir(tmp_path: Path) -> Iterator[Path]:
     for d in ("guests", "locks", "images"):
         (root / d).mkdir(parents=True)
     yield root
-    if watchdog.running(root):  # no watchdog may outlive its test
+    if watchdog.running(root) is not None:  # no watchdog may outlive its test
         pytest.fail("a watchdog is still running")
 
 
@@ -124,7 +124,7 @@ def test_one_watchdog_per_data_dir_gone_with_the_last_vmm(data_dir: Path) -> Non
     vmm = fake_vmm(data_dir, "g1")
     try:
         assert watchdog.ensure(data_dir)
-        assert any(watchdog.running(data_dir) for _ in retry.attempts(10))
+        assert any(watchdog.running(data_dir) is not None for _ in retry.attempts(10))
         assert not watchdog.ensure(data_dir)  # one is enough
         # it caps console logs: 3 MiB written at once is cut to the newest 512 KiB
         console = data_dir / "guests" / "g1" / "logs" / "console.log"
@@ -134,7 +134,7 @@ def test_one_watchdog_per_data_dir_gone_with_the_last_vmm(data_dir: Path) -> Non
     finally:
         vmm.kill()
         vmm.wait()
-    assert any(not watchdog.running(data_dir) for _ in retry.attempts(10, cap=0.2))
+    assert any(watchdog.running(data_dir) is None for _ in retry.attempts(10, cap=0.2))
     log = (data_dir / watchdog.LOG).read_text()
     assert "started" in log and "cut the oldest" in log and "exiting" in log
 

@@ -46,6 +46,7 @@ def test_reports_the_vmm_pid_not_the_shell(tmp_path: Path) -> None:
         # the shell reports the pid as soon as it forked: the exec may follow a moment later
         assert any(os.readlink(f"/proc/{rec['pid']}/exe").endswith("/sleep") for _ in retry.attempts(5))
         assert rec["pid"] != rec["supervisor"]["pid"]
+        assert os.getsid(rec["pid"]) == rec["pid"]  # detached: its own session, as before
         assert read_exit(g.path) is None  # still the placeholder
         assert vmm_ended(g) is None
     finally:

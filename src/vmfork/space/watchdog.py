@@ -71,16 +71,29 @@ def ensure(root: Path) -> bool:
     return True
 
 
-def running(root: Path) -> bool:
-    """Whether a watchdog runs for data dir ``root`` (holds its lock)."""
+def running(root: Path) -> int | None:
+    """The pid of the watchdog of data dir ``root`` if one runs (holds its lock), else None."""
     lock = root / "locks" / LOCK
     if not lock.exists():
-        return False
+        return None
+    fd = try_lock(lock)
+    if fd is not None:
+        os.close(fd)
+        return None
+    try:
+        return int(lock.read_text().strip() or 0) or None
+    except (OSError, ValueError):
+        return None
+
+
+def _take(lock: Path) -> int:
+    """Take the watchdog lock (the fd, -1 if held) and write our pid into it."""
     fd = try_lock(lock)
     if fd is None:
-        return True
-    os.close(fd)
-    return False
+        return -1
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
 
 
 def _now() -> str:
@@ -121,8 +134,8 @@ class Watchdog:
     def run(self) -> int:
         with contextlib.suppress(OSError):
             os.close(os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644))
-        fd = try_lock(self.lock_path)
-        if fd is None:
+        fd = _take(self.lock_path)
+        if fd < 0:
             return 0
         self.log(f"started (pid {os.getpid()}): low-water {fmt(self.low)}, high-water {fmt(self.high)}, "
                  f"pausing {'on' if self.pausing else 'off'}")
@@ -140,7 +153,7 @@ class Watchdog:
                         if not self.scan():
                             self.log("no VMM runs here any more: exiting")
                             return 0
-                        fd = try_lock(self.lock_path) or -1
+                        fd = _take(self.lock_path)
                         if fd < 0:
                             return 0  # another watchdog took over
                         continue
