@@ -68,7 +68,7 @@ class VmmExit:
                 name = signal.Signals(self.signal).name
             except ValueError:
                 name = f"signal {self.signal}"
-            return f"killed by {name}"
+            return f"was killed by {name}"
         return f"exited with status {self.code}"
 
 

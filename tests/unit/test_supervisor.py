@@ -53,7 +53,7 @@ def test_reports_the_vmm_pid_not_the_shell(tmp_path: Path) -> None:
         os.kill(rec["pid"], signal.SIGKILL)
     ex = vmm_ended_soon(g)
     assert ex.pid == rec["pid"] and ex.signal == signal.SIGKILL
-    assert death_cause(g) == "the VMM killed by SIGKILL"
+    assert death_cause(g) == "the VMM was killed by SIGKILL"
 
 
 def test_sigbus_on_a_ram_file_is_named(tmp_path: Path) -> None:
