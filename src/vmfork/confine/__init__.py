@@ -243,6 +243,12 @@ def starter(g: GuestDir, hypervisor: str, argv0: str, inner: Any) -> Any:
     def start(args: list[str], **kw: Any) -> Any:
         import subprocess
 
+        from vmfork.supervisor import EXIT_FILE
+
+        record = g.path / EXIT_FILE  # the supervising shell runs confined too: it writes its record
+        if record.is_file():
+            _own(g.run, 0, plan.gid, 0o710)
+            _own(record, plan.uid, plan.gid, 0o600)
         return (base or subprocess.Popen)(args, preexec_fn=setup, **kw)
 
     return start

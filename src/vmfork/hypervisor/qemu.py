@@ -36,6 +36,7 @@ from vmfork.hypervisor.thp import popen_without_ram_thp, ram_thp_kept
 from vmfork.images import Image
 from vmfork.layout import GuestDir, short_path
 from vmfork.procs import ProcRef
+from vmfork.supervisor import death_cause
 from vmfork.util import crashpoint
 
 if TYPE_CHECKING:
@@ -139,7 +140,7 @@ class QemuHypervisor(Hypervisor):
                 def start(argv: list[str], **kw: Any) -> subprocess.Popen[bytes]:
                     p, problem = popen_without_ram_thp(argv, cfg.memory_mib << 20, **kw)
                     if problem:
-                        kw["stdout"].write(f"--- vmfork: guest RAM keeps QEMU's huge-page advice: {problem}\n".encode())
+                        kw["stderr"].write(f"--- vmfork: guest RAM keeps QEMU's huge-page advice: {problem}\n".encode())
                     return p
             proc = spawn_vmm(g, argv, self.name, pass_fds=(listener.fileno(), agent.fileno()), start=start)
         finally:
@@ -153,12 +154,12 @@ class QemuHypervisor(Hypervisor):
         from vmfork.hypervisor.qmp import QMP
 
         return QMP.connect(
-            g.run / "qmp.sock", timeout=timeout, alive=proc.alive, on_dead=lambda: tail(g.vmm_log, 3)
+            g.run / "qmp.sock", timeout=timeout, alive=proc.alive, on_dead=lambda: _why_dead(g)
         )
 
     def _fail(self, g: GuestDir, proc: ProcRef, what: str, err: Exception) -> HypervisorError:
         proc.kill()
-        detail = tail(g.vmm_log, 3)
+        detail = _why_dead(g)
         return HypervisorError(f"{what}: {err}" + (f" (QEMU: {detail})" if detail and detail not in str(err) else ""))
 
     def boot(self, g: GuestDir, cfg: VMConfig, image: Image) -> ProcRef:
@@ -265,6 +266,11 @@ class QemuHypervisor(Hypervisor):
             return str(st.get("status", "running"))
         except HypervisorError:
             return "running"
+
+
+def _why_dead(g: GuestDir) -> str:
+    """How QEMU ended (if it died of something) and its last words."""
+    return "; ".join(x for x in (death_cause(g), tail(g.vmm_log, 3)) if x)
 
 
 @functools.cache

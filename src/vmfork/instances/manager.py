@@ -53,6 +53,10 @@ from vmfork.layout import GuestDir
 from vmfork.locking import file_lock, release, try_lock, unlink_held
 from vmfork.paths import DataDir
 from vmfork.procs import ProcRef
+from vmfork.space import admission, watchdog
+from vmfork.space.admission import Claim, ram_claim
+from vmfork.space.pause import clear_mark, read_mark
+from vmfork.supervisor import death_cause
 from vmfork.util import crashpoint
 
 Progress = Callable[[str], None]
@@ -243,6 +247,8 @@ class Manager:
         shutil.rmtree(tmp, ignore_errors=True)
         if proc is None:
             return "removed an unfinished standby (the VMM was gone)"
+        if read_mark(g, proc) is not None:  # paused by the space watchdog: it stays so
+            return "undid an interrupted standby (the guest stays paused: the filesystem is nearly full)"
         try:
             resumed = hv.resume(g, proc)  # an interrupted standby may have paused the guest
         except VmforkError as e:
@@ -340,7 +346,8 @@ class Manager:
                 return iid
 
     def run(self, name: str, *, memory_mib: int = 256, vcpus: int = 1, hypervisor: str = "qemu",
-            accel: str = "auto", limits: dict[str, Any] | None = None) -> Instance:
+            accel: str = "auto", limits: dict[str, Any] | None = None,
+            overcommit: bool = False) -> Instance:
         util.validate_name(name)
         limits = {k: v for k, v in (limits or {}).items() if v is not None} or None
         confine.validate_limits(**{k: (limits or {}).get(k) for k in confine.LIMIT_KEYS})
@@ -353,6 +360,7 @@ class Manager:
         if problem:
             raise HypervisorError(f"hypervisor '{hypervisor}' is not usable here: {problem}")
         self._check_name_free(name)  # fail fast, before any image work
+        self._admit(f"'{name}'", hv, [ram_claim(name, memory_mib << 20, None)], overcommit=overcommit)
         image = ensure_image(self.dd.images, self.progress)
         accel_used, why = resolve_accel(hv, image, accel, self.progress)
         iid = self._new_id()
@@ -410,6 +418,17 @@ class Manager:
             vmm_version=hv.version(), id=inst.id, cid=inst.cid, mac=inst.mac,
         )
 
+    def _admit(self, what: str, hv: Hypervisor, new: list[Claim], *, overcommit: bool,
+               replacing: tuple[str, ...] = ()) -> None:
+        """Admission control (``vmfork.space.admission``): NoSpace unless the free space
+        covers the RAM that ``new`` and the other running guests (but ``replacing``) can claim."""
+        if overcommit or not hv.capabilities.file_backed_memory:
+            return
+        running = [ram_claim(i.name, i.memory_mib << 20, i.g.memory) for i in self.instances()
+                   if i.id not in replacing and vmm_record(i.g) is not None
+                   and self.hypervisor(i).capabilities.file_backed_memory]
+        admission.check(what, new, running, self.dd.guests)
+
     def _boot(self, inst: Instance, image: Image) -> None:
         hv = self.hypervisor(inst)
         cfg = self._config(inst, hv)
@@ -419,6 +438,7 @@ class Manager:
         self._confine(inst, image)
         with self._explain_vmm_death(inst):
             proc = hv.boot(g, cfg, image)
+            watchdog.ensure(self.dd.root)
             self._agent_ready(inst, hv, proc, BOOT_TIMEOUT, "boot")
 
     def _confine(self, inst: Instance, image: Image) -> None:
@@ -468,11 +488,11 @@ class Manager:
                 raise AgentError(f"'{inst.name}': the {hv.name} VMM stopped before the guest agent answered "
                                  f"after {what}" + (f": {vmm}" if vmm else "")) from None
             console = tail(inst.g.console_log, 6)
-            raise AgentError(f"'{inst.name}': guest agent not ready after {what}: {e}"
+            raise AgentError(f"'{inst.name}': guest agent not ready after {what}: {death_cause(inst.g) or e}"
                              + (f" (console: {console})" if console else "")) from None
 
     # --- start / stop / rm ----------------------------------------------------------------
-    def start(self, ref: str) -> Instance:
+    def start(self, ref: str, *, overcommit: bool = False) -> Instance:
         with self._locked(ref) as inst:
             st = self.status(inst)
             self._usable(inst, st)
@@ -480,6 +500,8 @@ class Manager:
                 raise WrongState(f"instance '{inst.name}' is already running")
             if st.state == "standby":
                 raise WrongState(f"instance '{inst.name}' is in standby: use 'vmfork restore {inst.name}'")
+            self._admit(f"'{inst.name}'", self.hypervisor(inst),
+                        [ram_claim(inst.name, inst.memory_mib << 20, None)], overcommit=overcommit)
             self._boot(inst, self.image(inst.image_digest))
         return inst
 
@@ -555,6 +577,8 @@ class Manager:
                 hint = f": use 'vmfork restore {inst.name}'" if st.state == "standby" else f": use 'vmfork start {inst.name}'"
                 raise WrongState(f"instance '{inst.name}' is {st.state}{hint}")
             assert st.proc is not None
+            if (mark := read_mark(inst.g, st.proc)) is not None:
+                raise WrongState(f"instance '{inst.name}' is {mark.describe()}")
             hv = self.hypervisor(inst)
             conn = muxctl.connect(inst.g, st.proc, lambda: hv.agent(inst.g, 5.0))
             try:
@@ -566,8 +590,14 @@ class Manager:
             try:
                 return conn.wait_exec(req_id, argv, timeout=timeout, on_stdout=on_stdout,
                                       on_stderr=on_stderr, max_output=max_output)
-            except ExecAborted as e:
-                raise ExecAborted(f"'{inst.name}': {argv[0]!r} did not finish: {e}") from None
+            except AgentError as e:  # ExecAborted included: the VMM may have died under it
+                cause = death_cause(inst.g) if not st.proc.alive() else None
+                if cause:
+                    raise HypervisorError(f"instance '{inst.name}' died: {cause}; "
+                                          "it is stopped and its RAM is lost") from None
+                if isinstance(e, ExecAborted):
+                    raise ExecAborted(f"'{inst.name}': {argv[0]!r} did not finish: {e}") from None
+                raise
 
     # --- standby / restore ----------------------------------------------------------------
     def standby(self, ref: str) -> dict[str, Any]:
@@ -624,9 +654,27 @@ class Manager:
             raise WrongState(f"instance '{inst.name}' cannot be {what}: {problem} "
                              f"('vmfork rm {inst.name}' removes it)")
 
-    def restore(self, ref: str) -> dict[str, Any]:
+    def restore(self, ref: str, *, overcommit: bool = False) -> dict[str, Any]:
         with self._locked(ref) as inst:
+            if self.status(inst).state == "standby":
+                self._admit(f"'{inst.name}'", self.hypervisor(inst), [ram_claim(
+                    inst.name, inst.memory_mib << 20, inst.g.snapshot_latest / "memory")], overcommit=overcommit)
             return self._restore_locked(inst)
+
+    def resume(self, ref: str, *, overcommit: bool = False) -> str:
+        """Resume a running guest that is paused (by the space watchdog, or left paused);
+        returns what was done."""
+        with self._locked(ref) as inst:
+            st = self.status(inst)
+            self._usable(inst, st)
+            if st.proc is None:
+                raise WrongState(f"instance '{inst.name}' is {st.state}: only a running instance can be resumed")
+            hv = self.hypervisor(inst)
+            self._admit(f"'{inst.name}'", hv, [ram_claim(inst.name, inst.memory_mib << 20, inst.g.memory)],
+                        overcommit=overcommit, replacing=(inst.id,))
+            resumed = hv.resume(inst.g, st.proc)
+            clear_mark(inst.g)
+            return "resumed" if resumed else "not paused"
 
     def _restore_locked(self, inst: Instance) -> dict[str, Any]:
         st = self.status(inst)
@@ -674,6 +722,7 @@ class Manager:
             raise
         crashpoint("restore:resumed")
         t_vmm = time.monotonic()
+        watchdog.ensure(self.dd.root)
         try:
             agent_phases = self._agent_ready(inst, hv, proc, RESTORE_TIMEOUT, "restore")
         except BaseException:
@@ -710,7 +759,7 @@ class Manager:
 
     # --- fork -----------------------------------------------------------------------------
     def fork(self, src_ref: str, name: str, *, from_running: bool = False,
-             target_state: str | None = None) -> tuple[Instance, dict[str, Any]]:
+             target_state: str | None = None, overcommit: bool = False) -> tuple[Instance, dict[str, Any]]:
         util.validate_name(name)
         if target_state not in (None, "running", "standby", "stopped"):
             raise InvalidArgument(f"invalid target state '{target_state}': use running, standby or stopped")
@@ -732,6 +781,12 @@ class Manager:
                 if st.state == "stopped":
                     raise WrongState(f"instance '{src.name}' is stopped: only a standby or running instance can be forked")
                 target = target_state or ("running" if was_running else "standby")
+                ram = src.memory_mib << 20  # a running fork and a running source claim all their RAM
+                claims = ([Claim(name, ram, ram)] if target == "running" else []) \
+                    + ([Claim(src.name, ram, ram)] if was_running else [])
+                if claims:
+                    self._admit(f"fork '{name}'", self.hypervisor(src), claims, overcommit=overcommit,
+                                replacing=(src.id,))
                 if was_running:
                     timings["source_standby"] = self._standby_locked(src)
                     crashpoint("fork:source-standby")
@@ -817,11 +872,15 @@ class Manager:
         parent = inst.parent_name
         if inst.parent_id and not (self.dd.guests / inst.parent_id).is_dir():
             parent = f"{inst.parent_name} (deleted)"
+        mark = read_mark(inst.g, st.proc) if st.proc is not None else None
+        if mark is not None:
+            state = "paused"
+        problem = st.problem or (mark.describe() if mark else death_cause(inst.g) if state == "stopped" else None)
         d: dict[str, Any] = {
-            "id": inst.id, "name": inst.name, "state": state, "hypervisor": inst.hypervisor,
+            "id": inst.id, "name": inst.name, "state": state, "problem": problem, "hypervisor": inst.hypervisor,
             "accel": inst.accel, "memory_mib": inst.memory_mib, "vcpus": inst.vcpus,
             "pid": st.proc.pid if st.proc else None, "dir": str(inst.dir),
-            "created_at": inst.created_at, "parent": parent, "problem": st.problem,
+            "created_at": inst.created_at, "parent": parent,
             "last_exit": (confine.exit_cause(self.dd.root, inst.id)
                           if st.proc is None and inst.g.vmm_json.exists() else None),
         }
