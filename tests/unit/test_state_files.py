@@ -184,3 +184,28 @@ def test_operation_behind_rm_says_removed_and_recreates_nothing(tmp_path: Path, 
         call()
     assert list((m.dd.root / "guests").iterdir()) == []  # no run/ or half fork recreated
     assert list(m.dd.locks.iterdir()) == []  # and no lock file left behind
+
+
+def test_another_mapper_is_matched_by_device_and_inode(tmp_path: Path) -> None:
+    """The Diff rule (never into a file another process maps) must not take a file of another
+    filesystem with the same inode number for this one."""
+    import subprocess
+    import sys
+
+    from vmfork.hypervisor.firecracker import _mapped_by_others
+
+    f = tmp_path / "mem"
+    f.write_bytes(b"\0" * 8192)
+    child = subprocess.Popen([sys.executable, "-c", "import mmap,sys\nf=open(sys.argv[1],'r+b')\n"
+                              "m=mmap.mmap(f.fileno(),0)\nprint('mapped',flush=True)\nsys.stdin.read()", str(f)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "mapped"
+        st = os.stat(f)
+        assert _mapped_by_others(st, own_pid=0)
+        other_fs = list(st)
+        other_fs[2] = os.makedev(os.major(st.st_dev) + 7, os.minor(st.st_dev))  # same inode, other device
+        assert not _mapped_by_others(os.stat_result(other_fs), own_pid=0)
+    finally:
+        child.kill()
+        child.wait()

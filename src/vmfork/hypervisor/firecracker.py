@@ -437,9 +437,11 @@ def _unshare(path: Path, own: ProcRef) -> None:
 
 
 def _mapped_by_others(st: os.stat_result, own_pid: int) -> bool:
-    """Does a process other than ``own_pid`` map this inode? (Matched by inode number alone: a
-    false match on another filesystem only costs an unnecessary copy.)"""
-    ino = str(st.st_ino)
+    """Does a process other than ``own_pid`` map this file? Matched by device and inode, as
+    ``/proc/PID/maps`` gives them (inode numbers alone repeat across filesystems: a fresh XFS
+    hands out the same small numbers)."""
+    ino = str(st.st_ino).encode()
+    dev = (os.major(st.st_dev), os.minor(st.st_dev))
     for pid in os.listdir("/proc"):
         if not pid.isdigit() or int(pid) in (own_pid, os.getpid()):
             continue
@@ -447,11 +449,20 @@ def _mapped_by_others(st: os.stat_result, own_pid: int) -> bool:
             with open(f"/proc/{pid}/maps", "rb") as f:
                 for line in f:
                     fields = line.split(maxsplit=5)
-                    if len(fields) >= 5 and fields[4] == ino.encode():
+                    if len(fields) >= 5 and fields[4] == ino and _maps_dev(fields[3]) == dev:
                         return True
         except OSError:
             continue
     return False
+
+
+def _maps_dev(field: bytes) -> tuple[int, int] | None:
+    """``MAJ:MIN`` (hex) of a ``/proc/PID/maps`` line."""
+    try:
+        major, minor = field.split(b":")
+        return int(major, 16), int(minor, 16)
+    except ValueError:
+        return None
 
 
 _LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\dT[\d:.]+ \[(?:[^:\]]*:)?([^\]]*)\] (.*)$")
