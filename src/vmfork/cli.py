@@ -445,7 +445,7 @@ def demo(c: Ctx, memory: str, keep: bool) -> None:
     """Boot a VM, write sentinels, standby, fork, restore both, show each sees its own state."""
     from vmfork.demo import run_demo
 
-    run_demo(c.mgr, util.parse_memory(memory), keep=keep, say=lambda m: out.print(m))
+    run_demo(c.mgr, util.parse_memory(memory), keep=keep, say=lambda m: out.print(Text.from_markup(m)))
 
 
 if __name__ == "__main__":

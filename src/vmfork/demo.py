@@ -6,6 +6,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from rich.markup import escape
+
 from vmfork.errors import NotFound, VmforkError
 from vmfork.util import sha256_file
 
@@ -20,6 +22,7 @@ def _sh(mgr: Any, name: str, script: str) -> str:
 
 
 def run_demo(mgr: Any, memory_mib: int, *, keep: bool, say: Callable[..., None]) -> None:
+    """``say`` gets rich markup of ours; text from a guest in it is escaped."""
     timings: list[tuple[str, float]] = []
 
     def step(key: str, label: str, fn: Callable[[], Any]) -> Any:
@@ -38,7 +41,7 @@ def run_demo(mgr: Any, memory_mib: int, *, keep: bool, say: Callable[..., None])
             pass
 
     inst = step("boot", f"boot '{SRC}' ({memory_mib} MiB)", lambda: mgr.run(SRC, memory_mib=memory_mib))
-    say(f"  accel {inst.accel}, guest kernel {_sh(mgr, SRC, 'uname -r')}")
+    say(f"  accel {inst.accel}, guest kernel {escape(_sh(mgr, SRC, 'uname -r'))}")
     step("write", "write sentinels in the source: RAM (/run, tmpfs) and disk (/root)", lambda: _sh(
         mgr, SRC, "echo born-before-fork > /run/sentinel && echo born-before-fork > /root/sentinel && sync"))
     step("standby", f"standby '{SRC}' (memory + device state to files, VMM stopped)", lambda: mgr.standby(SRC))
@@ -61,7 +64,7 @@ def run_demo(mgr: Any, memory_mib: int, *, keep: bool, say: Callable[..., None])
     show = "echo host=$(hostname) ram=$(cat /run/sentinel),$(cat /run/who) disk=$(cat /root/sentinel),$(cat /root/who)"
     say("[bold]what each guest sees:[/]")
     for n in (SRC, FORK):
-        say(f"  {n:10} {_sh(mgr, n, show)}")
+        say(f"  {n:10} {escape(_sh(mgr, n, show))}")  # the guest's words: never markup
     if not keep:
         for n in (FORK, SRC):
             mgr.rm(n, force=True)
