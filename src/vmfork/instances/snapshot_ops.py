@@ -121,7 +121,19 @@ def _live(mgr: Manager, inst: Instance, proc: Any, tmp: Path) -> tuple[VMConfig,
             clone_file(g.disk, live / "disk.raw")
             crashpoint("snapshot:cloned")
 
+        t0 = time.monotonic()
+        # Write back what the guest dirtied while it still runs: the clones in the pause then
+        # write back only what it dirties from here on (FICLONE flushes its source first).
+        for path in (g.memory, g.disk):
+            if path.exists():
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    os.fdatasync(fd)
+                finally:
+                    os.close(fd)
+        t_flush = time.monotonic() - t0
         saved = hv.snapshot_live(g, cfg, proc, live, while_paused=while_paused)
+        saved.phases["preflush_s"] = t_flush
         util.atomic_write_json(live / "config.json", cfg.to_json() | {"taken_at": _now()}, durable=False)
         integrity.write_manifest(live, inst.memory_mib << 20)
         for f in (*SNAP_FILES, "disk.raw"):
@@ -360,9 +372,11 @@ def rollback(mgr: Manager, ref: str, snap_ref: str) -> tuple[Instance, dict[str,
     snap = st.find(snap_ref)
     t0 = time.monotonic()
     with st.using(snap), mgr._locked(ref) as inst:
-        if snap.source_id != inst.id:
+        forked_from = inst.parent_kind == "snapshot" and inst.parent_id == snap.id
+        if snap.source_id != inst.id and not forked_from:
             raise WrongState(f"snapshot '{snap.name}' was taken of '{snap.source_name}', not of "
-                             f"'{inst.name}': 'vmfork snapshot fork {snap.name} NAME' makes a new instance of it")
+                             f"'{inst.name}' (nor was '{inst.name}' forked from it): "
+                             f"'vmfork snapshot fork {snap.name} NAME' makes a new instance of it")
         st.check(snap, "restored")
         status = mgr.status(inst)
         if inst.problem:
@@ -479,9 +493,10 @@ def tree(mgr: Manager) -> list[Any]:
         if i.parent_id:
             parent = ("snapshot" if i.parent_kind == "snapshot" else "instance", i.parent_id, i.parent_name or i.parent_id)
         nodes.append(Node("instance", i.id, i.name, parent, info={"state": mgr.status(i).state}))
-    for s in store(mgr).all():
+    st = store(mgr)
+    for s in st.all() + st.removed():
         parent = ("instance", s.source_id, s.source_name) if s.source_id else None
-        nodes.append(Node("snapshot", s.id, s.name, parent,
+        nodes.append(Node("snapshot", s.id, s.name, parent, deleted=s.dir.suffix == ".json",
                           info={"created_at": s.created_at, "after": s.parent_name}))
     return build(nodes)
 

@@ -160,7 +160,7 @@ def import_(store: Store, src: IO[bytes], *, name: str | None, images: Path,
             if feeder_error:
                 raise feeder_error[0]
             util.crashpoint("import:unpacked")
-            snap, image = _checked(tmp, name, images, hypervisor_problem, progress)
+            snap, image = _checked(tmp, name, images, hypervisor_problem, progress, store.check_name_free)
             t_checked = time.monotonic()
             # Visible from here: the image first (content-addressed: an existing one is kept),
             # then the snapshot.
@@ -193,7 +193,7 @@ def import_(store: Store, src: IO[bytes], *, name: str | None, images: Path,
 
 
 def _checked(tmp: Path, name: str | None, images: Path, hypervisor_problem: Callable[[str], str | None],
-             progress: Progress) -> tuple[Snapshot, tuple[Path, str] | None]:
+             progress: Progress, name_free: Callable[[str], None]) -> tuple[Snapshot, tuple[Path, str] | None]:
     top = tmp / TOP
     if not (top / "snapshot").is_dir() or not (top / EXPORT_META).is_file():
         raise WrongState("not a vmfork snapshot archive (no vmfork-snapshot/snapshot/ in it)")
@@ -209,6 +209,7 @@ def _checked(tmp: Path, name: str | None, images: Path, hypervisor_problem: Call
     if name is not None:
         snap.name = name
     util.validate_name(snap.name, "snapshot name")
+    name_free(snap.name)  # fail before the digests are read (checked again at the commit)
     problem = hypervisor_problem(snap.hypervisor)
     if problem:
         raise WrongState(f"snapshot '{snap.name}' needs hypervisor '{snap.hypervisor}', not usable here: {problem}")

@@ -49,7 +49,17 @@ def build(nodes: list[Node]) -> list[Node]:
             roots.append(n)
         else:
             p.children.append(n)
-    return roots
+    return _without_dead_leaves(roots)
+
+
+def _without_dead_leaves(nodes: list[Node]) -> list[Node]:
+    """A deleted node stays only while something made from it is still there."""
+    out = []
+    for n in nodes:
+        n.children = _without_dead_leaves(n.children)
+        if not n.deleted or n.children:
+            out.append(n)
+    return out
 
 
 def render(roots: list[Node]) -> list[str]:

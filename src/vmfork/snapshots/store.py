@@ -165,9 +165,26 @@ class Store:
         snap.dir = self.root / snap.id
         return snap
 
+    @property
+    def removed_dir(self) -> Path:
+        """Metadata of removed snapshots (no files): lineage keeps showing them as deleted."""
+        return self.root / ".removed"
+
+    def removed(self) -> list[Snapshot]:
+        out = []
+        for f in sorted(self.removed_dir.glob("*.json")) if self.removed_dir.is_dir() else []:
+            try:
+                out.append(Snapshot.from_json(util.read_json(f), f))
+            except (OSError, ValueError, TypeError):
+                continue
+        return out
+
     def rm(self, ref: str) -> Snapshot:
         snap = self.find(ref)
         with self.using(snap), self.lock():
+            if snap.format == 1:
+                self.removed_dir.mkdir(0o700, exist_ok=True)
+                util.atomic_write_json(self.removed_dir / f"{snap.id}.json", snap.to_json(), durable=False)
             trash = self.root / f".trash-{snap.id}"
             os.rename(snap.dir, trash)
             util.fsync_dir(self.root)
