@@ -283,7 +283,8 @@ def test_snapshot_create_killed(xfs_cli: CLI, template: str, point: str) -> None
 
 FORK_POINTS = {
     "fork-many:cloned-one": False, "fork-many:synced": False, "fork-many:renamed-one": False,
-    "fork-many:created": False, "fork-many:target-one": False, "fork-many:committed": True,
+    "fork-many:created": False, "fork-many:target-one": False, "fork-many:before-commit": False,
+    "fork-many:committed": True,
 }
 
 
@@ -311,3 +312,26 @@ def test_import_killed(xfs_cli: CLI, template: str, tmp_path: Path) -> None:
     xfs_cli("snapshot", "import", str(archive), "--name", "imp")
     verified(xfs_cli, "imp")
     xfs_cli("snapshot", "rm", "imp")
+
+
+ROLLBACK_POINTS = {"rollback:cloned": "running", "rollback:committed": "standby", "rollback:swapped": "standby"}
+
+
+@pytest.mark.parametrize("point,outcome", sorted(ROLLBACK_POINTS.items()))
+def test_rollback_killed(xfs_cli: CLI, template: str, point: str, outcome: str) -> None:
+    """Before the commit point the instance runs on as it was; after it, it is in standby at
+    the snapshot. Never half."""
+    cli = xfs_cli
+    cli("snapshot", "fork", template, "kr", "--target-state", "running")
+    cli("snapshot", "create", "kr", "kr-snap")
+    cli.sh("kr", SENTINEL_2)
+    killed(cli, ["restore", "kr", "--snapshot", "kr-snap"], point=point)
+    assert cli.state("kr") == outcome
+    if outcome == "standby":
+        cli("restore", "kr")
+        assert cli.sh("kr", READ) == AS_OF_1
+    else:
+        assert cli.sh("kr", READ) == "ram-two\ndisk-two"
+    verified(cli, "kr-snap")
+    cli("rm", "--force", "kr")
+    cli("snapshot", "rm", "kr-snap")

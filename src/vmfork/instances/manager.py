@@ -194,7 +194,7 @@ class Manager:
             g = GuestDir(d)
             inst = Instance.load(d)
             if not (g.snapshot_tmp.exists() or g.restoring.exists() or inst.pending
-                    or snapshot_ops.needs_recovery(g)):
+                    or snapshot_ops.needs_recovery(self, inst)):
                 continue
             with self._try_instance_lock(d.name) as free:
                 if free:
@@ -217,9 +217,9 @@ class Manager:
 
     def _recover_guest(self, inst: Instance) -> list[str]:
         g, label = inst.g, inst.name
-        if inst.pending and not inst.problem and snapshot_ops.batch_committed(self, inst):
-            self._set_metadata(inst, pending=None)  # its batch was committed: roll it forward
-            return [f"{label}: finished an interrupted fork (--count)"]
+        if not inst.problem and snapshot_ops.batch_open(self, inst):
+            self._destroy(inst)  # all or none: its batch was never committed
+            return [f"{label}: rolled back an unfinished fork --count"]
         if inst.pending and not inst.problem:
             what = "fork" if inst.parent_id else "run"
             self._destroy(inst)

@@ -246,17 +246,20 @@ def fork_many(mgr: Manager, names: list[str], build: Build, template: dict[str, 
               target_state: str, partial: bool, locked_source: bool,
               after_clone: Callable[[], None] | None = None) -> tuple[list[Instance], dict[str, Any]]:
     """Make one fork per name with ``build`` (which fills a new guest dir), in one pass:
-    one global lock, one sync of all the clones, one directory sync; then bring them to
-    ``target_state``. All or none: until the batch marker is written they carry ``pending``
-    and a crash or failure removes them all (with ``partial``, a failure in reaching the
-    target state removes only the forks it hit)."""
+    one global lock, one name check, one sync of all the clones, one directory sync; then
+    bring them to ``target_state``.
+
+    All or none: the batch marker ``guests/.batch-<id>`` is made (durable) before the first
+    fork is renamed into place and removed once all are in their target state -- that
+    removal is the commit point. A crash before it removes every fork of the batch
+    (``recover``); with ``partial``, a failure in reaching the target state removes only the
+    forks it hit, and the result names them."""
     if target_state not in ("running", "standby", "stopped"):
         raise InvalidArgument(f"invalid target state '{target_state}': use running, standby or stopped")
     assert locked_source
-    for n in names:
-        mgr._check_name_free(n)
     if len(set(names)) != len(names):
         raise InvalidArgument("fork names must differ")
+    _check_names_free(mgr, names)
     bid = util.new_id()
     iids: list[str] = []
     while len(iids) < len(names):
@@ -265,18 +268,18 @@ def fork_many(mgr: Manager, names: list[str], build: Build, template: dict[str, 
             iids.append(iid)
     timings: dict[str, Any] = {"count": len(names)}
     forks: list[Instance] = []
+    hv = get_hypervisor(template["hypervisor"])
+    marker = _batch_marker(mgr, bid)
     t0 = time.monotonic()
-    with _locks(mgr, iids, names):
+    with _locks(mgr, iids, names):  # held until the end: recovery leaves these forks alone
         tmps = [mgr.dd.guests / f".tmp-{iid}" for iid in iids]
         with mgr._global_lock():
-            for n in names:
-                mgr._check_name_free(n)
+            existing = _check_names_free(mgr, names)
             try:
-                used = {i.cid for i in mgr.instances()}
+                used = {i.cid for i in existing}
                 for iid, n, tmp in zip(iids, names, tmps, strict=True):
                     build(tmp)
                     GuestDir(tmp).ensure_dirs()
-                    hv = get_hypervisor(template["hypervisor"])
                     snap = GuestDir(tmp).snapshot_latest
                     if hv.prepare_fork(GuestDir(mgr.dd.guests / iid), snap):
                         integrity.write_manifest(snap, template["memory_mib"] << 20)
@@ -285,14 +288,14 @@ def fork_many(mgr: Manager, names: list[str], build: Build, template: dict[str, 
                         cid += 1
                     used.add(cid)
                     fork = Instance(id=iid, name=n, created_at=_now(), mac=new_mac(), cid=cid,
-                                    identity_applied=False, pending=target_state, batch=bid, dir=tmp,
-                                    **template)
+                                    identity_applied=False, batch=bid, dir=tmp, **template)
                     util.atomic_write_json(fork.g.metadata, fork.to_json(), durable=False)
                     forks.append(fork)
                     crashpoint("fork-many:cloned-one")
                 t_sync = time.monotonic()
                 timings["clone_s"] = round(t_sync - t0, 4)
-                _sync_all(tmps)  # every clone and its metadata: one pass, one log force
+                util.atomic_write_json(marker, {"ids": iids}, durable=False)
+                _sync_all(tmps, marker)  # every clone, its metadata and the marker: one pass
                 crashpoint("fork-many:synced")
                 for fork, iid in zip(forks, iids, strict=True):
                     os.rename(fork.dir, mgr.dd.guests / iid)
@@ -301,10 +304,11 @@ def fork_many(mgr: Manager, names: list[str], build: Build, template: dict[str, 
                 util.fsync_dir(mgr.dd.guests)
                 timings["sync_s"] = round(time.monotonic() - t_sync, 4)
             except BaseException:
-                for fork, tmp in zip(forks, tmps, strict=False):
-                    shutil.rmtree(fork.dir if fork.dir.exists() else tmp, ignore_errors=True)
+                for fork in forks:
+                    shutil.rmtree(fork.dir, ignore_errors=True)
                 for tmp in tmps:
                     shutil.rmtree(tmp, ignore_errors=True)
+                marker.unlink(missing_ok=True)
                 raise
         if after_clone is not None:
             after_clone()
@@ -323,40 +327,48 @@ def fork_many(mgr: Manager, names: list[str], build: Build, template: dict[str, 
                     if not partial:
                         raise
                     failed[fork.name] = str(e)
-            done = [f for f in forks if f.name not in failed]
-            if not done:
+            if len(failed) == len(forks):
                 raise WrongState(f"no fork reached {target_state}: " + "; ".join(failed.values()))
-            marker = _batch_marker(mgr, bid)
-            util.atomic_write_json(marker, {"ids": [f.id for f in done]})  # the commit point
+            for fork in forks:
+                if fork.name in failed:
+                    mgr._destroy(fork)
+            crashpoint("fork-many:before-commit")
+            marker.unlink()  # the commit point
+            util.fsync_dir(mgr.dd.guests)
             crashpoint("fork-many:committed")
         except BaseException:
             for fork in forks:
                 mgr._destroy(fork)
+            marker.unlink(missing_ok=True)
             raise
-        for fork in forks:
-            if fork.name in failed:
-                mgr._destroy(fork)
-        for fork in done:
-            fork.pending = None
-            util.atomic_write_json(fork.g.metadata, fork.to_json(), durable=False)
-        _sync_files([f.g.metadata for f in done])
-        _batch_marker(mgr, bid).unlink()
         timings["target_s"] = round(time.monotonic() - t_target, 4)
     timings["failed"] = failed
-    return done, timings
+    return [f for f in forks if f.name not in failed], timings
 
 
-def _sync_all(dirs: list[Path]) -> None:
+def _check_names_free(mgr: Manager, names: list[str]) -> list[Instance]:
+    """One listing for all the names (not one per name); returns the instances listed."""
+    from vmfork.errors import AlreadyExists
+
+    existing = mgr.instances()
+    taken = {i.name: i.id for i in existing}
+    for n in names:
+        if n in taken:
+            raise AlreadyExists(f"instance '{n}' already exists (id {taken[n]})")
+    return existing
+
+
+def _sync_all(dirs: list[Path], *extra: Path) -> None:
     from vmfork.forkvm.copier import _fsync_all
 
-    files: list[Path] = []
+    files: list[Path] = list(extra)
     subdirs: list[Path] = []
     for root in dirs:
         for d, dnames, fnames in os.walk(root):
             subdirs.append(Path(d))
             files += [Path(d) / f for f in fnames if not os.path.islink(Path(d) / f)]
             del dnames
-    _fsync_all(files, list(reversed(subdirs)))
+    _fsync_all(files, list(reversed(subdirs)) + ([extra[0].parent] if extra else []))
 
 
 def _sync_files(files: list[Path]) -> None:
@@ -422,8 +434,9 @@ def _finish_rollback(mgr: Manager, inst: Instance) -> None:
 
 
 # --- recovery ---------------------------------------------------------------------------------
-def needs_recovery(g: GuestDir) -> bool:
-    return (g.snapshots / LIVE_DIR).exists() or (g.snapshots / ROLLBACK_DIR).exists()
+def needs_recovery(mgr: Manager, inst: Instance) -> bool:
+    g = inst.g
+    return (g.snapshots / LIVE_DIR).exists() or (g.snapshots / ROLLBACK_DIR).exists() or batch_open(mgr, inst)
 
 
 def recover_guest(mgr: Manager, inst: Instance) -> list[str]:
@@ -449,25 +462,23 @@ def recover_guest(mgr: Manager, inst: Instance) -> list[str]:
     return actions
 
 
-def batch_committed(mgr: Manager, inst: Instance) -> bool:
-    """A pending fork of a batch whose commit marker names it: roll it forward."""
-    if not inst.batch:
-        return False
-    try:
-        return inst.id in util.read_json(_batch_marker(mgr, inst.batch))["ids"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
+def batch_open(mgr: Manager, inst: Instance) -> bool:
+    """A fork of a batch that was never committed (its marker is still there)."""
+    return bool(inst.batch) and _batch_marker(mgr, str(inst.batch)).exists()
 
 
 def recover(mgr: Manager) -> list[str]:
-    """Snapshot temp dirs, and batch markers no pending fork refers to any more."""
-    actions = store(mgr).recover()
-    markers = list(mgr.dd.guests.glob(".batch-*"))
-    if markers:
-        pending = {i.batch for i in mgr.instances() if i.pending and i.batch}
-        for m in markers:
-            if m.name.removeprefix(".batch-") not in pending:
-                m.unlink(missing_ok=True)
+    """Snapshot temp dirs, and the markers of uncommitted batches none of whose forks is
+    left (called after the forks of dead batches were removed) or locked by a live fork."""
+    actions = Store(mgr.dd.root / "snapshots", mgr.dd.locks).recover()  # creates nothing
+    for m in list(mgr.dd.guests.glob(".batch-*")):
+        try:
+            ids = util.read_json(m)["ids"]
+        except (OSError, ValueError, KeyError, TypeError):
+            ids = []
+        if any((mgr.dd.guests / str(i)).exists() or (mgr.dd.guests / f".tmp-{i}").exists() for i in ids):
+            continue  # still being made (its forks are locked) or not yet rolled back
+        m.unlink(missing_ok=True)
     return actions
 
 
