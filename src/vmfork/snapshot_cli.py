@@ -19,8 +19,11 @@ Ctx = Any
 
 
 def _store(c: Ctx) -> Any:
+    """The snapshot store; a data dir that does not exist holds no snapshot (and is not made)."""
     from vmfork.instances.snapshot_ops import store
 
+    if not c.data_dir_exists():
+        raise NotFound(f"no snapshots: data dir '{c.data_dir}' does not exist")
     return store(c.mgr)
 
 
