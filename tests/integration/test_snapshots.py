@@ -335,3 +335,29 @@ def test_rollback_killed(xfs_cli: CLI, template: str, point: str, outcome: str) 
     verified(cli, "kr-snap")
     cli("rm", "--force", "kr")
     cli("snapshot", "rm", "kr-snap")
+
+
+def test_a_corrupt_snapshot_is_refused(xfs_cli: CLI, template: str) -> None:
+    cli = xfs_cli
+    cli("snapshot", "fork", template, "cx")
+    cli("snapshot", "create", "cx", "cx-snap")
+    d = Path(snap_json(cli, "cx-snap")["dir"])
+    with open(d / "state", "r+b") as f:  # one flipped byte in the device state
+        f.seek(100)
+        b = f.read(1)
+        f.seek(100)
+        f.write(bytes([b[0] ^ 1]))
+    before = names(cli)
+    r = cli("snapshot", "fork", "cx-snap", "cy", check=False)
+    err = r.stderr.decode()
+    assert r.returncode != 0 and "cannot be forked" in err and "state" in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert names(cli) == before
+    r = cli("snapshot", "verify", "cx-snap", check=False)
+    assert r.returncode == 1 and b"state        MISMATCH" in r.stdout, r.stdout
+    os.truncate(d / "memory", 4096)  # a truncated mem-file: refused by its size alone
+    r = cli("restore", "cx", "--snapshot", "cx-snap", check=False)
+    assert r.returncode != 0 and b"memory is 4096 bytes" in r.stderr, r.stderr
+    assert cli.state("cx") == "standby"  # untouched
+    cli("rm", "cx")
+    cli("snapshot", "rm", "cx-snap")
