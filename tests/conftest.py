@@ -107,6 +107,19 @@ def _kill_all(data_dir: Path) -> None:
         ref = vmm_record(GuestDir(g))
         if ref is not None:
             ref.kill(timeout=2)
+    _stop_watchdog(data_dir)
+
+
+def _stop_watchdog(data_dir: Path) -> None:
+    """Stop the data dir's space watchdog at once (it would exit by itself within a second or
+    two of the last VMM; its lock keeps a loop filesystem busy until then)."""
+    from vmfork.procs import ProcRef
+    from vmfork.space.watchdog import running
+
+    pid = running(data_dir)
+    if pid is not None:
+        with contextlib.suppress(ProcessLookupError):
+            ProcRef.of(pid).kill(timeout=2)
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -17,7 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from vmfork import __version__, util
-from vmfork.errors import InvalidArgument, NotFound, VmforkError
+from vmfork.errors import InvalidArgument, NoSpace, NotFound, VmforkError
 from vmfork.paths import PRIVATE_UMASK, DataDir, default_data_dir
 
 # Text we print is never read as markup or emoji codes (guest text such as "[/]" or ":x:"
@@ -82,6 +83,10 @@ class VmforkGroup(click.Group):
             return super().invoke(ctx)
         except VmforkError as e:
             _fail(e)
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            _fail(NoSpace(f"no space left on device{f': {e.filename}' if e.filename else ''}"))
         except KeyboardInterrupt:
             err.print("vmfork: interrupted")
             sys.exit(130)
@@ -95,6 +100,10 @@ def _emit(as_json: bool, data: Any, human: Callable[[], None]) -> None:
 
 
 json_opt = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+overcommit_opt = click.option(
+    "--overcommit", is_flag=True,
+    help="Start even if the free space cannot hold all the guest RAM that the guests on this filesystem "
+         "could still claim (a guest that finds no space for its RAM is paused, or dies).")
 
 
 @click.group(cls=VmforkGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -124,14 +133,24 @@ pass_ctx = click.make_pass_decorator(Ctx)
 @click.option("--vcpus", default=1, show_default=True, type=int, help="Virtual CPUs.")
 @click.option("--hypervisor", default="qemu", show_default=True, help="qemu or firecracker.")
 @click.option("--accel", default="auto", show_default=True, help="auto (probe KVM, else TCG), kvm or tcg.")
+@click.option("--cpus", type=float, default=None, help="CPU limit of the VMM in cores (e.g. 0.5) [default: none].")
+@click.option("--memory-limit", default=None, help="Memory limit of the VMM [default: guest RAM + overhead].")
+@click.option("--pids-limit", type=int, default=None, help="Threads/processes limit of the VMM [default: 256].")
+@click.option("--io-weight", type=int, default=None, help="I/O weight of the VMM, 1-10000 [default: the host's].")
+@overcommit_opt
 @json_opt
 @pass_ctx
-def run(c: Ctx, name: str, memory: str, vcpus: int, hypervisor: str, accel: str, as_json: bool) -> None:
+def run(c: Ctx, name: str, memory: str, vcpus: int, hypervisor: str, accel: str, cpus: float | None,
+        memory_limit: str | None, pids_limit: int | None, io_weight: int | None, overcommit: bool,
+        as_json: bool) -> None:
     """Create instance NAME and boot it; returns once its guest agent answers."""
     util.validate_name(name)
     memory_mib = util.parse_memory(memory)
+    limits = {"cpus": cpus, "pids": pids_limit, "io_weight": io_weight,
+              "memory_limit_mib": util.parse_size(memory_limit, "memory limit") >> 20 if memory_limit else None}
     t0 = time.monotonic()
-    inst = c.mgr.run(name, memory_mib=memory_mib, vcpus=vcpus, hypervisor=hypervisor, accel=accel)
+    inst = c.mgr.run(name, memory_mib=memory_mib, vcpus=vcpus, hypervisor=hypervisor, accel=accel, limits=limits,
+                     overcommit=overcommit)
     secs = time.monotonic() - t0
     d = c.mgr.describe(inst) | {"seconds": round(secs, 3)}
     _emit(as_json, d, lambda: out.print(f"{inst.name} ({inst.id}) running, {inst.accel}, ready in {secs:.2f}s"))
@@ -139,12 +158,13 @@ def run(c: Ctx, name: str, memory: str, vcpus: int, hypervisor: str, accel: str,
 
 @main.command()
 @click.argument("name")
+@overcommit_opt
 @json_opt
 @pass_ctx
-def start(c: Ctx, name: str, as_json: bool) -> None:
+def start(c: Ctx, name: str, overcommit: bool, as_json: bool) -> None:
     """Cold-boot a stopped instance (its disk is kept)."""
     t0 = time.monotonic()
-    inst = c.mgr.start(name)
+    inst = c.mgr.start(name, overcommit=overcommit)
     secs = time.monotonic() - t0
     _emit(as_json, c.mgr.describe(inst) | {"seconds": round(secs, 3)},
           lambda: out.print(f"{inst.name} running, ready in {secs:.2f}s"))
@@ -191,18 +211,30 @@ def standby(c: Ctx, name: str, as_json: bool) -> None:
 @click.argument("name")
 @click.option("--snapshot", "snap", default=None,
               help="Roll NAME back to its named snapshot SNAP (which stays) and run it from there.")
+@overcommit_opt
 @json_opt
 @pass_ctx
-def restore(c: Ctx, name: str, snap: str | None, as_json: bool) -> None:
+def restore(c: Ctx, name: str, snap: str | None, overcommit: bool, as_json: bool) -> None:
     """Start a VMM on NAME's snapshot and resume it (the snapshot is consumed)."""
     if snap is not None:
-        _, t = c.mgr.rollback(name, snap)
+        _, t = c.mgr.rollback(name, snap, overcommit=overcommit)
         _emit(as_json, {"name": name, "state": "running", "snapshot": snap, "timings": t},
               lambda: out.print(_clean(f"{name}: rolled back to {snap}, running, in {t['total_s']:.3f}s")))
         return
-    t = c.mgr.restore(name)
+    t = c.mgr.restore(name, overcommit=overcommit)
     _emit(as_json, {"name": name, "state": "running", "timings": t},
           lambda: out.print(f"{name}: running, restored in {t['total_s']:.3f}s"))
+
+
+@main.command()
+@click.argument("name")
+@overcommit_opt
+@json_opt
+@pass_ctx
+def resume(c: Ctx, name: str, overcommit: bool, as_json: bool) -> None:
+    """Resume NAME's paused guest (e.g. paused by the space watchdog when the filesystem filled up)."""
+    what = c.mgr.resume(name, overcommit=overcommit)
+    _emit(as_json, {"name": name, "result": what}, lambda: out.print(f"{name}: {what}"))
 
 
 @main.command()
@@ -213,21 +245,23 @@ def restore(c: Ctx, name: str, snap: str | None, as_json: bool) -> None:
               help="State of the fork [default: the source's state].")
 @click.option("--count", type=int, default=None, help="Make N forks, NAME-1 ... NAME-N, in one pass (1 to 100).")
 @click.option("--partial", is_flag=True, help="With --count: keep the forks that succeeded if some fail.")
+@overcommit_opt
 @json_opt
 @pass_ctx
 def fork(c: Ctx, source: str, name: str, from_running: bool, target_state: str | None, count: int | None,
-         partial: bool, as_json: bool) -> None:
+         partial: bool, overcommit: bool, as_json: bool) -> None:
     """Fork SOURCE into a new instance NAME (copy-on-write clone of its snapshot)."""
     if count is not None:
         from vmfork.snapshot_cli import forks_out
 
         forks, tc = c.mgr.fork_count(source, name, count=count, from_running=from_running,
-                                     target_state=target_state, partial=partial)
+                                     target_state=target_state, partial=partial, overcommit=overcommit)
         forks_out(sys.modules[__name__], as_json, forks, tc, c, source)
         return
     if partial:
         raise InvalidArgument("--partial goes with --count")
-    inst, t = c.mgr.fork(source, name, from_running=from_running, target_state=target_state)
+    inst, t = c.mgr.fork(source, name, from_running=from_running, target_state=target_state,
+                         overcommit=overcommit)
     d = c.mgr.describe(inst) | {"timings": t}
     _emit(as_json, d, lambda: out.print(
         f"{inst.name} ({inst.id}) forked from {source}: {d['state']}, clone {t['clone_s'] * 1000:.1f} ms "
@@ -247,7 +281,8 @@ def ps(c: Ctx, as_json: bool) -> None:
         for col in ("NAME", "ID", "STATE", "HYPERVISOR", "ACCEL", "MEMORY", "PID", "PARENT"):
             t.add_column(col)
         for r in rows:
-            t.add_row(*map(_clean, (r["name"], r["id"], r["state"], r["hypervisor"], r["accel"],
+            state = r["state"] + (f" ({r['last_exit'].split(' (')[0]})" if r.get("last_exit") else "")
+            t.add_row(*map(_clean, (r["name"], r["id"], state, r["hypervisor"], r["accel"],
                                     f"{r['memory_mib']}M", str(r["pid"] or "-"), r["parent"] or "-")))
         out.print(t)
         for r in rows:  # an instance in state "error" says why, below the table
@@ -319,32 +354,40 @@ def exec_(c: Ctx, name: str, command: tuple[str, ...], timeout: float | None, en
 @main.command()
 @click.argument("name")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new output.")
-@click.option("-n", "--tail", "lines", type=int, default=None, help="Only the last N lines.")
+@click.option("-n", "--tail", "lines", type=int, default=None, help="Only the last N lines (0 or more).")
 @click.option("--vmm", is_flag=True, help="Show the VMM's own log instead of the serial console.")
 @pass_ctx
 def logs(c: Ctx, name: str, follow: bool, lines: int | None, vmm: bool) -> None:
-    """Print NAME's serial console (or VMM log)."""
+    """Print NAME's serial console (or VMM log).
+
+    The console log is capped: past 1 MiB its oldest part is cut, keeping the newest 512 KiB.
+    """
+    from vmfork.logfile import read_tail
+
     if lines is not None and lines < 0:
         raise InvalidArgument(f"invalid --tail '{lines}': a number of lines, 0 or more")
-    inst = c.find(name)
+    inst = c.find(name)  # before c.mgr: no data dir, nothing created
     path = inst.g.vmm_log if vmm else inst.g.console_log
-    data = path.read_bytes() if path.exists() else b""
-    if lines is not None:
-        data = b"".join(data.splitlines(keepends=True)[-lines:]) if lines else b""
-    sys.stdout.buffer.write(data)
-    sys.stdout.flush()
-    if not follow:
-        return
-    pos = path.stat().st_size if path.exists() else 0
+    pos = 0
+    if lines is not None:  # read from the end, not the whole file
+        sys.stdout.buffer.write(read_tail(path, lines))
+        pos = path.stat().st_size if path.exists() else 0
     try:
-        while inst.dir.exists():
-            if path.exists() and path.stat().st_size > pos:
+        while True:
+            size = path.stat().st_size if path.exists() else 0
+            if size < pos:  # the oldest part was cut (cap): go on from the new end
+                pos = size
+            if size > pos:
                 with open(path, "rb") as f:
                     f.seek(pos)
-                    chunk = f.read()
-                pos += len(chunk)
-                sys.stdout.buffer.write(chunk)
-                sys.stdout.flush()
+                    while chunk := f.read(min(1 << 20, size - pos)):
+                        sys.stdout.buffer.write(chunk)
+                        pos += len(chunk)
+                        if pos >= size:
+                            break
+            sys.stdout.flush()
+            if not follow or not inst.dir.exists():
+                return
             time.sleep(0.2)
     except KeyboardInterrupt:
         pass

@@ -89,6 +89,10 @@ def run_checks(data_dir: Path, progress: Callable[[str], None]) -> dict[str, Any
         add(tool, "ok" if path else "fail", path or "missing: run 'make setup'")
     cc = shutil.which("musl-gcc") or shutil.which("gcc")
     add("C compiler", "ok" if cc else "fail", cc or "missing (musl-tools or gcc): run 'make setup'")
+    from vmfork.confine.doctor import checks as confine_checks
+
+    for name, status, detail in confine_checks(probe, None if problem else qemu.binary):  # scratch files removed
+        add(name, status, detail)
     add("cache dir", "info", str(cache_dir()))
     return {"checks": checks, "accel": accel, "reflink": reflink, "filesystem": fs,
             "data_dir": str(dd.root)}

@@ -72,3 +72,9 @@ class ExecAborted(AgentError):
 
 class ImageError(VmforkError):
     """Building or finding the guest image failed."""
+
+
+class NoSpace(VmforkError):
+    """Not enough free space: refused by admission control, or the filesystem is full."""
+
+    exit_code = 7

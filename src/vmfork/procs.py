@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import signal
@@ -95,3 +96,16 @@ class ProcRef:
                 return
             if self.wait_exit(wait):
                 return
+
+
+def recorded(path: Path, key: str | None = None) -> ProcRef | None:
+    """The process recorded in the JSON file ``path`` (``{"pid", "start"}``, or under
+    ``key``), if it is still that process."""
+    try:
+        d = json.loads(path.read_text())
+        if key is not None:
+            d = d[key]
+        ref = ProcRef(int(d["pid"]), int(d["start"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return ref if ref.alive() else None

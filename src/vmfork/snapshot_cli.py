@@ -57,6 +57,7 @@ def register(cli: Any) -> None:
     main: click.Group = cli.main
     pass_ctx: Deco = cli.pass_ctx
     json_opt: Deco = cli.json_opt
+    overcommit_opt: Deco = cli.overcommit_opt
     out, _emit, _clean = cli.out, cli._emit, cli._clean
 
     @main.group()
@@ -152,14 +153,16 @@ def register(cli: Any) -> None:
     @click.option("--target-state", type=click.Choice(["running", "standby", "stopped"]), default="standby",
                   show_default=True, help="State of the forks.")
     @_partial_opt
+    @overcommit_opt
     @json_opt
     @pass_ctx
     def snapshot_fork(c: Ctx, snap: str, name: str, count: int | None, target_state: str, partial: bool,
-                      as_json: bool) -> None:
+                      overcommit: bool, as_json: bool) -> None:
         """Fork snapshot SNAP into new instance NAME (or NAME-1 ... NAME-N): all or none."""
         if count is None and partial:
             raise InvalidArgument("--partial goes with --count")
-        forks, t = c.mgr.snapshot_fork(snap, name, count=count, target_state=target_state, partial=partial)
+        forks, t = c.mgr.snapshot_fork(snap, name, count=count, target_state=target_state, partial=partial,
+                                       overcommit=overcommit)
         forks_out(cli, as_json, forks, t, c, snap)
 
 

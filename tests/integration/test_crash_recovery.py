@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import CLI, data_dir_on
-from tests.integration.test_fork_isolation import fingerprint
+from tests.integration.test_fork_isolation import _qemu_pids_in, fingerprint
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
 
@@ -48,19 +48,6 @@ def _states(cli: CLI) -> dict[str, str]:
     return {str(i["name"]): str(i["state"]) for i in cli.json("ps")}  # type: ignore[union-attr, index]
 
 
-def _vmm_pids(data_dir: Path) -> set[int]:
-    guests = str((data_dir / "guests").resolve())
-    pids = set()
-    for p in os.listdir("/proc"):
-        if p.isdigit():
-            try:
-                if os.readlink(f"/proc/{p}/cwd").startswith(guests) and "qemu" in os.readlink(f"/proc/{p}/exe"):
-                    pids.add(int(p))
-            except OSError:
-                pass
-    return pids
-
-
 def recovered(cli: CLI) -> dict[str, str]:
     """Run the next command (it recovers), check that nothing is left over, return the states."""
     states = _states(cli)
@@ -70,7 +57,7 @@ def recovered(cli: CLI) -> dict[str, str]:
     stray = {f.name for f in locks.iterdir()} - {"global.lock"} - {f"{i}.lock" for i in ids}
     assert not stray, f"lock files of no instance: {stray}"
     recorded = {int(i["pid"]) for i in cli.json("ps") if i["pid"]}  # type: ignore[union-attr, index, arg-type]
-    assert _vmm_pids(cli.data_dir) == recorded
+    assert _qemu_pids_in(cli.data_dir) == recorded
     assert "error" not in states.values(), states
     return states
 
@@ -140,20 +127,13 @@ RESTORE_POINTS = {
 }
 
 
-@pytest.mark.parametrize("point,outcome", sorted(STANDBY_POINTS.items()))
-def test_standby_killed_at_crashpoint(crash_cli: CLI, point: str, outcome: str, report: list[str]) -> None:
-    ensure(crash_cli, "src", "running")
-    killed(crash_cli, ["standby", "src"], point=point)
-    state = recovered(crash_cli)["src"]
-    assert state == outcome, (point, state)
-    ram_ok(crash_cli, "src", state)
-    report.append(f"crashpoint {point}: {state}")
-
-
-@pytest.mark.parametrize("point,outcome", sorted(RESTORE_POINTS.items()))
-def test_restore_killed_at_crashpoint(crash_cli: CLI, point: str, outcome: str, report: list[str]) -> None:
-    ensure(crash_cli, "src", "standby")
-    killed(crash_cli, ["restore", "src"], point=point)
+@pytest.mark.parametrize("command,point,outcome",
+                         [("standby", p, o) for p, o in sorted(STANDBY_POINTS.items())]
+                         + [("restore", p, o) for p, o in sorted(RESTORE_POINTS.items())])
+def test_standby_or_restore_killed_at_crashpoint(crash_cli: CLI, command: str, point: str, outcome: str,
+                                                 report: list[str]) -> None:
+    ensure(crash_cli, "src", "running" if command == "standby" else "standby")
+    killed(crash_cli, [command, "src"], point=point)
     state = recovered(crash_cli)["src"]
     assert state == outcome, (point, state)
     ram_ok(crash_cli, "src", state)

@@ -864,6 +864,9 @@ def test_manager_run_standby_fork_restore_against_the_double(
     from vmfork.instances import manager as mgr_mod
 
     monkeypatch.setenv("VMFORK_FIRECRACKER_BIN", str(env.exe))
+    # The double is a Python script run from this checkout, not a VMM: confining it (its own
+    # uid, a root holding /usr and the guest dir only) would hide its interpreter and code.
+    monkeypatch.setenv("VMFORK_CONFINE", "0")
     data = env.root / "data"
     m = mgr_mod.Manager(data)
     img_dir = m.dd.images / env.image.digest[:16]
@@ -908,6 +911,7 @@ def test_a_failed_run_names_the_vmms_own_error_and_keeps_its_log(
 ) -> None:
     """The VMM dies after InstanceStart (the double logs what the real v1.12.1 logged on this
     host): the error carries Firecracker's own lines, the log is kept, the instance is gone."""
+    monkeypatch.setenv("VMFORK_CONFINE", "0")  # the double is a script of the checkout, not a VMM
     from vmfork.errors import AgentError
     from vmfork.images import load_image
     from vmfork.instances import manager as mgr_mod

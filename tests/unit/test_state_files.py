@@ -151,3 +151,36 @@ def test_vm_config_reads_the_untyped_extra_of_earlier_versions() -> None:
     assert (cfg.id, cfg.snapshot_version, cfg.snapshot_type) == ("abcdefabcdef", "5.0.0", "Diff")
     assert VMConfig.from_json(cfg.to_json()) == cfg
     assert "extra" not in cfg.to_json()
+
+
+# --- an operation queued behind rm re-reads its instance once it holds the lock ----------------
+def _fake_standby(root: Path, iid: str, name: str) -> None:
+    """A standby instance on disk as vmfork writes one (no VMM needed to look at it)."""
+    d = root / "guests" / iid
+    snap = d / "snapshots" / "snapshot-latest"
+    snap.mkdir(parents=True)
+    (d / "instance.json").write_text(json.dumps(GOOD | {"id": iid, "name": name, "memory_mib": 1}))
+    with open(snap / "memory", "wb") as f:
+        f.truncate(1 << 20)
+    (snap / "state").write_bytes(b"state")
+    (snap / "config.json").write_text("{}")
+    integrity.write_manifest(snap, 1 << 20)
+
+
+@pytest.mark.parametrize("op", ["start", "fork", "restore", "rm"])
+def test_operation_behind_rm_says_removed_and_recreates_nothing(tmp_path: Path, op: str,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from vmfork.errors import NotFound
+    from vmfork.instances import Manager
+
+    m = Manager(tmp_path / "data")
+    _fake_standby(m.dd.root, "abcdefabcdef", "src")
+    stale = m.find("src")  # what the queued command found before it waited for the lock
+    m.rm("src")  # ... meanwhile the instance was removed
+    monkeypatch.setattr(m, "find", lambda ref: stale)
+    call = {"start": lambda: m.start("src"), "fork": lambda: m.fork("src", "kid"),
+            "restore": lambda: m.restore("src"), "rm": lambda: m.rm("src")}[op]
+    with pytest.raises(NotFound, match=r"instance 'src' not found \(it was removed meanwhile\)"):
+        call()
+    assert list((m.dd.root / "guests").iterdir()) == []  # no run/ or half fork recreated
+    assert list(m.dd.locks.iterdir()) == []  # and no lock file left behind

@@ -50,6 +50,13 @@ SHOWN: list[tuple[str, dict[str, Any] | None]] = [
     ("fanout_vmm_rss_mib", None),
     ("fanout_vmm_pss_mib", None),
     ("boot_ms", None),
+    ("confine_fork_host_ms", None),
+    ("confine_fork_running_ms", None),
+    ("confine_vmm_spawn_ms", None),
+    ("confine_boot_ms", None),
+    ("confine_fork_host_on_over_off", None),
+    ("confine_fork_running_on_over_off", None),
+    ("confine_boot_on_over_off", None),
 ]
 
 
@@ -208,6 +215,13 @@ def render_summary(records: Sequence[Record]) -> str:
                          "fan-out" if r["metric"].startswith("fanout") else "one after another"])
     parts += ["", "**6. Memory per running fork** (QEMU process, smaps_rollup, MiB, median over the forks)", "",
               _md(["config", "forks running", "RSS", "PSS", "started"], rows)]
+    rows = [[what, *(v(metric, confined=c) for c in ("off", "on")), v(ratio)] for what, metric, ratio in (
+        ("fork to running, host side", "confine_fork_host_ms", "confine_fork_host_on_over_off"),
+        ("fork to running, agent answering", "confine_fork_running_ms", "confine_fork_running_on_over_off"),
+        ("of which VMM spawn", "confine_vmm_spawn_ms", ""),
+        ("cold boot, agent answering", "confine_boot_ms", "confine_boot_on_over_off"))]
+    parts += ["", "**7. Cost of VMM confinement** (own uid, namespaces, cgroup, -sandbox; ms, median, "
+              "interleaved in one run)", "", _md(["", "unconfined", "confined", "confined / unconfined"], rows)]
     return "\n".join(parts) + "\n"
 
 

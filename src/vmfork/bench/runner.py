@@ -491,6 +491,43 @@ class Bench:
         self._vmm_memory(m, names, "vmm", n=k, config=config)
         self.rm_all(m, "rm-")
 
+    def confinement_cost(self) -> None:
+        """Fork to running and cold boot with VMM confinement on and off (``VMFORK_CONFINE``),
+        interleaved in one run so that load drifts hit both alike."""
+        fs = "xfs" if "xfs" in self.mounts else next(iter(self.mounts))
+        m = self.source(fs)
+        modes = {"on": "auto", "off": "0"}
+        host: dict[str, list[float]] = {k: [] for k in modes}
+        spawn: dict[str, list[float]] = {k: [] for k in modes}
+        total: dict[str, list[float]] = {k: [] for k in modes}
+        boot: dict[str, list[float]] = {k: [] for k in modes}
+        self.say(f"[7] confinement cost on {fs} ({self.plan.breakdown_runs} forks, {self.plan.lifecycle_runs} boots each)")
+        for i in range(self.plan.breakdown_runs):
+            for label, value in modes.items():
+                with env({"VMFORK_CONFINE": value}):
+                    _, t = m.fork("base", f"cf-{label}-{i}", target_state="running")
+                fr = t["fork_restore"]
+                host[label].append(ms(t["total_s"] - fr["agent_s"]))
+                spawn[label].append(ms(fr["spawn_s"]))
+                total[label].append(ms(t["total_s"]))
+                m.rm(f"cf-{label}-{i}", force=True)
+        for i in range(self.plan.lifecycle_runs):
+            for label, value in modes.items():
+                with env({"VMFORK_CONFINE": value}):
+                    t0 = time.monotonic()
+                    m.run(f"cb-{label}-{i}", memory_mib=self.plan.base_mib)
+                    boot[label].append(ms(time.monotonic() - t0))
+                m.rm(f"cb-{label}-{i}", force=True)
+        prm: dict[str, Any] = {"fs": fs, "guest_mib": self.plan.base_mib}
+        recs = {}
+        for label in modes:
+            recs[label] = (self.add("confine_fork_host_ms", host[label], "ms", **prm, confined=label),
+                           self.add("confine_fork_running_ms", total[label], "ms", **prm, confined=label),
+                           self.add("confine_boot_ms", boot[label], "ms", **prm, confined=label))
+            self.add("confine_vmm_spawn_ms", spawn[label], "ms", **prm, confined=label)
+        for j, what in enumerate(("fork_host", "fork_running", "boot")):
+            self.ratio(f"confine_{what}_on_over_off", recs["on"][j], recs["off"][j], **prm)
+
     # --- whole run ----------------------------------------------------------------------------
     def run(self) -> None:
         self.host = probes.host_facts(QemuHypervisor().version())
@@ -516,6 +553,7 @@ class Bench:
             self.standby_cost()
             self.fanout()
             self.disk_per_fork()
+            self.confinement_cost()
         for (config, mib), v in sorted(self.boots.items()):
             self.add("boot_ms", v, "ms", config=config, guest_mib=mib)
         self.host["load_at_end"] = round(probes.loadavg(), 2)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 from abc import ABC, abstractmethod
@@ -15,8 +14,10 @@ from vmfork.errors import HypervisorError
 from vmfork.guest.agent import AgentClient
 from vmfork.images import Image
 from vmfork.layout import GuestDir
+from vmfork.logfile import read_tail
 from vmfork.paths import PRIVATE_FILE, PRIVATE_UMASK
-from vmfork.procs import ProcRef
+from vmfork.procs import ProcRef, recorded
+from vmfork.supervisor import start_supervised
 from vmfork.util import atomic_write_json
 
 
@@ -89,45 +90,44 @@ Starter = Callable[..., "subprocess.Popen[bytes]"]
 def spawn_vmm(g: GuestDir, argv: list[str], hypervisor: str, *, pass_fds: tuple[int, ...] = (),
               start: Starter | None = None) -> ProcRef:
     """Start a VMM detached (own session) in the guest dir, its output appended to
-    ``logs/vmm.log``, and record it in ``run/vmm.json`` (pid + start time).
+    ``logs/vmm.log``, and record it in ``run/vmm.json`` (pid + start time, and its
+    supervisor: a shell that records how it ends in ``run/vmm-exit``, see ``supervisor``).
 
     ``start`` replaces ``subprocess.Popen`` (same arguments), e.g. to add a seccomp filter.
     """
     g.ensure_dirs()
+    from vmfork.confine import starter  # the guest's confinement plan, if it has one
+
+    start = starter(g, hypervisor, argv[0], start) or start
     with open(os.open(g.vmm_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, PRIVATE_FILE), "ab") as log:
         log.write(f"--- {' '.join(argv)}\n".encode())
         log.flush()
         try:
-            p = (start or subprocess.Popen)(
-                argv, cwd=g.path, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                start_new_session=True, close_fds=True, pass_fds=pass_fds,
-                umask=PRIVATE_UMASK,  # the RAM file, console log and sockets the VMM creates
-            )
-        except OSError as e:
-            raise HypervisorError(f"cannot start {argv[0]}: {e.strerror}") from None
-    p.returncode = 0  # detached: we track it by ProcRef; silence Popen's ResourceWarning
-    proc = ProcRef.of(p.pid)
-    atomic_write_json(g.vmm_json, {"pid": proc.pid, "start": proc.start, "hypervisor": hypervisor},
-                      durable=False)
+            proc, shell = start_supervised(argv, g.path, start=start, stdin=subprocess.DEVNULL, stderr=log,
+                                           start_new_session=True, close_fds=True, pass_fds=pass_fds,
+                                           umask=PRIVATE_UMASK)  # the RAM file, console log, sockets
+        except (OSError, subprocess.SubprocessError) as e:
+            raise HypervisorError(f"cannot start {argv[0]}: {getattr(e, 'strerror', None) or e}"
+                                  + (f" ({tail(g.vmm_log, 1)})" if isinstance(e, subprocess.SubprocessError) else "")) from None
+    atomic_write_json(g.vmm_json, {"pid": proc.pid, "start": proc.start, "hypervisor": hypervisor,
+                                   "supervisor": {"pid": shell.pid, "start": shell.start}}, durable=False)
     return proc
 
 
 def vmm_record(g: GuestDir) -> ProcRef | None:
     """The VMM recorded for this guest, if it is still that process."""
-    try:
-        d = json.loads(g.vmm_json.read_text())
-    except (OSError, ValueError):
-        return None
-    ref = ProcRef(int(d["pid"]), int(d["start"]))
-    return ref if ref.alive() else None
+    return recorded(g.vmm_json)
 
 
 def tail(path: Path, lines: int = 8) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return ""
-    return " | ".join(x for x in text.strip().splitlines()[-lines:] if x.strip())
+    """The last ``lines`` non-empty lines of a log, joined on one line, read from its end.
+
+    Lines starting with ``--- `` are vmfork's own notes in ``vmm.log`` (the VMM's command
+    line, watchdog events), not what the VMM said: they are left out.
+    """
+    raw = read_tail(path, lines + 16, max_bytes=64 << 10).decode(errors="replace")
+    kept = [x for x in raw.splitlines() if x.strip() and not x.startswith("--- ")]
+    return " | ".join(kept[-lines:])
 
 
 class Hypervisor(ABC):

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from vmfork import confine
 from vmfork.errors import HypervisorError
 from vmfork.fs import has_shared_extents
 from vmfork.guest.agent import AgentClient
@@ -36,6 +37,7 @@ from vmfork.hypervisor.thp import popen_without_ram_thp, ram_thp_kept
 from vmfork.images import Image
 from vmfork.layout import GuestDir, short_path
 from vmfork.procs import ProcRef
+from vmfork.supervisor import death_cause
 from vmfork.util import crashpoint
 
 if TYPE_CHECKING:
@@ -76,11 +78,12 @@ class QemuHypervisor(Hypervisor):
         return " ".join(parts)
 
     def argv(self, cfg: VMConfig, image: Image, *, incoming: bool = False,
-             qmp_fd: int | None = None) -> list[str]:
+             qmp_fd: int | None = None, agent_fd: int | None = None) -> list[str]:
         """The QEMU command line; all instance paths are relative to the guest dir (cwd).
 
         With ``qmp_fd`` QMP listens on that inherited, already listening socket (bound to
-        ``run/qmp.sock`` by us) instead of creating ``run/qmp.sock`` itself.
+        ``run/qmp.sock`` by us) instead of creating ``run/qmp.sock`` itself; ``agent_fd``
+        likewise for ``run/agent.sock`` (a confined QEMU cannot create files in ``run/``).
         """
         mem = f"{cfg.memory_mib}M"
         qmp = (["-chardev", f"socket,id=qmp,fd={qmp_fd},server=on,wait=off", "-mon", "chardev=qmp,mode=control"]
@@ -99,7 +102,8 @@ class QemuHypervisor(Hypervisor):
             "-chardev", "file,id=con,path=logs/console.log,append=on", "-serial", "chardev:con",
             "-device", "virtio-rng-device",  # no RDRAND under TCG: getrandom() would block at boot
             "-device", "virtio-serial-device",
-            "-chardev", "socket,id=agent,path=run/agent.sock,server=on,wait=off",
+            "-chardev", (f"socket,id=agent,fd={agent_fd},server=on,wait=off" if agent_fd is not None
+                         else "socket,id=agent,path=run/agent.sock,server=on,wait=off"),
             "-device", "virtserialport,chardev=agent,name=agent",
             *qmp,
             "-drive", f"file={image.rootfs},format=raw,if=none,id=root,readonly=on",
@@ -124,20 +128,25 @@ class QemuHypervisor(Hypervisor):
         for sock in ("qmp.sock", "agent.sock"):
             (g.run / sock).unlink(missing_ok=True)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        agent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             listener.bind(short_path(g.run / "qmp.sock"))
             listener.listen(16)
-            argv = self.argv(cfg, image, incoming=incoming, qmp_fd=listener.fileno())
+            agent.bind(short_path(g.run / "agent.sock"))
+            agent.listen(1)
+            argv = self.argv(cfg, image, incoming=incoming, qmp_fd=listener.fileno(), agent_fd=agent.fileno())
+            argv += confine.qemu_sandbox_args(g)
             start: Starter | None = None
             if not ram_thp_kept():
                 def start(argv: list[str], **kw: Any) -> subprocess.Popen[bytes]:
                     p, problem = popen_without_ram_thp(argv, cfg.memory_mib << 20, **kw)
                     if problem:
-                        kw["stdout"].write(f"--- vmfork: guest RAM keeps QEMU's huge-page advice: {problem}\n".encode())
+                        kw["stderr"].write(f"--- vmfork: guest RAM keeps QEMU's huge-page advice: {problem}\n".encode())
                     return p
-            proc = spawn_vmm(g, argv, self.name, pass_fds=(listener.fileno(),), start=start)
+            proc = spawn_vmm(g, argv, self.name, pass_fds=(listener.fileno(), agent.fileno()), start=start)
         finally:
             listener.close()  # QEMU holds the only copy now: if it dies, our connect fails
+            agent.close()
         return proc
 
     def _qmp(self, g: GuestDir, proc: ProcRef, timeout: float = 10.0) -> QMP:
@@ -146,12 +155,12 @@ class QemuHypervisor(Hypervisor):
         from vmfork.hypervisor.qmp import QMP
 
         return QMP.connect(
-            g.run / "qmp.sock", timeout=timeout, alive=proc.alive, on_dead=lambda: tail(g.vmm_log, 3)
+            g.run / "qmp.sock", timeout=timeout, alive=proc.alive, on_dead=lambda: _why_dead(g)
         )
 
     def _fail(self, g: GuestDir, proc: ProcRef, what: str, err: Exception) -> HypervisorError:
         proc.kill()
-        detail = tail(g.vmm_log, 3)
+        detail = _why_dead(g)
         return HypervisorError(f"{what}: {err}" + (f" (QEMU: {detail})" if detail and detail not in str(err) else ""))
 
     def boot(self, g: GuestDir, cfg: VMConfig, image: Image) -> ProcRef:
@@ -209,6 +218,7 @@ class QemuHypervisor(Hypervisor):
             with self._qmp(g, proc) as q:
                 q.set_migration_capabilities()
                 q.pass_fd(fd, "vmfork-state")
+                was_running = q.execute("query-status").get("status") == "running"
                 t_stop = time.monotonic()
                 q.execute("stop")
                 try:
@@ -219,7 +229,8 @@ class QemuHypervisor(Hypervisor):
                     while_paused()
                     t_clone = time.monotonic()
                 finally:
-                    q.execute("cont")  # postmigrate -> running; the guest runs on, whatever happened
+                    if was_running:  # postmigrate -> running; a guest paused before stays paused
+                        q.execute("cont")
                 t_cont = time.monotonic()
         except HypervisorError as e:
             with contextlib.suppress(HypervisorError), self._qmp(g, proc, timeout=2) as q2:
@@ -290,6 +301,11 @@ class QemuHypervisor(Hypervisor):
             return str(st.get("status", "running"))
         except HypervisorError:
             return "running"
+
+
+def _why_dead(g: GuestDir) -> str:
+    """How QEMU ended (if it died of something) and its last words."""
+    return "; ".join(x for x in (death_cause(g), tail(g.vmm_log, 3)) if x)
 
 
 @functools.cache

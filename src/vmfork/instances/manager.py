@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from vmfork import util
+from vmfork import confine, util
 from vmfork.errors import (
     AgentError,
     AlreadyExists,
@@ -53,6 +53,10 @@ from vmfork.layout import GuestDir
 from vmfork.locking import file_lock, release, try_lock, unlink_held
 from vmfork.paths import DataDir
 from vmfork.procs import ProcRef
+from vmfork.space import admission, watchdog
+from vmfork.space.admission import Claim, ram_claim
+from vmfork.space.pause import clear_mark, read_mark
+from vmfork.supervisor import death_cause
 from vmfork.util import crashpoint
 
 Progress = Callable[[str], None]
@@ -187,6 +191,7 @@ class Manager:
                     if free:
                         self._kill_vmm_of(GuestDir(d))
                         shutil.rmtree(d, ignore_errors=True)
+                        confine.release(self.dd.root, iid)
                         actions.append(f"removed unfinished {d.name}")
                 continue
             if d.name.startswith(".") or not d.is_dir():
@@ -202,6 +207,7 @@ class Manager:
         actions += snapshot_ops.recover(self)
         self._kill_orphan_vmms(actions)
         self._remove_stale_locks(actions)
+        actions += confine.clean(self.dd.root, {d.name.split("-", 1)[-1] for d in self.dd.guests.iterdir()})
         return actions
 
     @contextmanager
@@ -246,6 +252,8 @@ class Manager:
         shutil.rmtree(tmp, ignore_errors=True)
         if proc is None:
             return "removed an unfinished standby (the VMM was gone)"
+        if read_mark(g, proc) is not None:  # paused by the space watchdog: it stays so
+            return "undid an interrupted standby (the guest stays paused: the filesystem is nearly full)"
         try:
             resumed = hv.resume(g, proc)  # an interrupted standby may have paused the guest
         except VmforkError as e:
@@ -343,8 +351,11 @@ class Manager:
                 return iid
 
     def run(self, name: str, *, memory_mib: int = 256, vcpus: int = 1, hypervisor: str = "qemu",
-            accel: str = "auto") -> Instance:
+            accel: str = "auto", limits: dict[str, Any] | None = None,
+            overcommit: bool = False) -> Instance:
         util.validate_name(name)
+        limits = {k: v for k, v in (limits or {}).items() if v is not None} or None
+        confine.validate_limits(**{k: (limits or {}).get(k) for k in confine.LIMIT_KEYS})
         if not 1 <= vcpus <= 32:
             raise InvalidArgument(f"invalid vcpus '{vcpus}': must be between 1 and 32")
         if accel not in ("auto", "kvm", "tcg"):
@@ -354,6 +365,7 @@ class Manager:
         if problem:
             raise HypervisorError(f"hypervisor '{hypervisor}' is not usable here: {problem}")
         self._check_name_free(name)  # fail fast, before any image work
+        self._admit(f"'{name}'", hv, [ram_claim(name, memory_mib << 20, None)], overcommit=overcommit)
         image = ensure_image(self.dd.images, self.progress)
         accel_used, why = resolve_accel(hv, image, accel, self.progress)
         iid = self._new_id()
@@ -364,7 +376,7 @@ class Manager:
                 inst = Instance(
                     id=iid, name=name, hypervisor=hypervisor, accel=accel_used, memory_mib=memory_mib,
                     vcpus=vcpus, image_digest=image.digest, created_at=_now(), mac=new_mac(),
-                    cid=self._free_cid(), pending="running", dir=tmp,
+                    cid=self._free_cid(), pending="running", dir=tmp, limits=limits,
                 )
                 try:
                     GuestDir(tmp).ensure_dirs()
@@ -411,14 +423,52 @@ class Manager:
             vmm_version=hv.version(), id=inst.id, cid=inst.cid, mac=inst.mac,
         )
 
+    def _admit(self, what: str, hv: Hypervisor, new: list[Claim], *, overcommit: bool,
+               replacing: tuple[str, ...] = ()) -> None:
+        """Admission control (``vmfork.space.admission``): NoSpace unless the free space
+        covers the RAM that ``new`` and the other running guests (but ``replacing``) can claim."""
+        if overcommit or not hv.capabilities.file_backed_memory:
+            return
+        running = [ram_claim(i.name, i.memory_mib << 20, i.g.memory) for i in self.instances()
+                   if i.id not in replacing and vmm_record(i.g) is not None
+                   and self.hypervisor(i).capabilities.file_backed_memory]
+        admission.check(what, new, running, self.dd.guests)
+
     def _boot(self, inst: Instance, image: Image) -> None:
         hv = self.hypervisor(inst)
         cfg = self._config(inst, hv)
         g = inst.g
         util.atomic_write_json(g.run / "config.json", cfg.to_json(), durable=False)
         shutil.rmtree(g.snapshot_base, ignore_errors=True)  # a cold boot has no base for a Diff
-        proc = hv.boot(g, cfg, image)
-        self._agent_ready(inst, hv, proc, BOOT_TIMEOUT, "boot")
+        self._confine(inst, image)
+        with self._explain_vmm_death(inst):
+            proc = hv.boot(g, cfg, image)
+            watchdog.ensure(self.dd.root)
+            self._agent_ready(inst, hv, proc, BOOT_TIMEOUT, "boot")
+
+    def _confine(self, inst: Instance, image: Image) -> None:
+        """Plan the confinement of the next VMM of ``inst``: its own uid (allocated once),
+        its cgroup limits, what it may see (its guest dir and the image)."""
+        if not confine.enabled():
+            confine.clear_plan(inst.g)
+            return
+        if inst.uid is None:
+            self._set_metadata(inst, uid=confine.ids.allocate(self.dd.root, inst.id))
+        assert inst.uid is not None
+        limits = confine.default_limits(inst.memory_mib, inst.accel, **(inst.limits or {}))
+        confine.write_plan(inst.g, data_dir=self.dd.root, iid=inst.id, uid=inst.uid, limits=limits,
+                           hypervisor=inst.hypervisor, accel=inst.accel, ro_dirs=[image.dir])
+
+    @contextmanager
+    def _explain_vmm_death(self, inst: Instance) -> Iterator[None]:
+        """A VMM that died while starting: say so if its cgroup killed it (memory limit)."""
+        try:
+            yield
+        except VmforkError as e:
+            cause = confine.exit_cause(self.dd.root, inst.id)
+            if cause is None:
+                raise
+            raise HypervisorError(f"'{inst.name}': the VMM was killed by its cgroup: {cause}; {e}") from None
 
     def _agent_ready(self, inst: Instance, hv: Hypervisor, proc: ProcRef, timeout: float,
                      what: str) -> dict[str, float]:
@@ -443,11 +493,11 @@ class Manager:
                 raise AgentError(f"'{inst.name}': the {hv.name} VMM stopped before the guest agent answered "
                                  f"after {what}" + (f": {vmm}" if vmm else "")) from None
             console = tail(inst.g.console_log, 6)
-            raise AgentError(f"'{inst.name}': guest agent not ready after {what}: {e}"
+            raise AgentError(f"'{inst.name}': guest agent not ready after {what}: {death_cause(inst.g) or e}"
                              + (f" (console: {console})" if console else "")) from None
 
     # --- start / stop / rm ----------------------------------------------------------------
-    def start(self, ref: str) -> Instance:
+    def start(self, ref: str, *, overcommit: bool = False) -> Instance:
         with self._locked(ref) as inst:
             st = self.status(inst)
             self._usable(inst, st)
@@ -455,6 +505,8 @@ class Manager:
                 raise WrongState(f"instance '{inst.name}' is already running")
             if st.state == "standby":
                 raise WrongState(f"instance '{inst.name}' is in standby: use 'vmfork restore {inst.name}'")
+            self._admit(f"'{inst.name}'", self.hypervisor(inst),
+                        [ram_claim(inst.name, inst.memory_mib << 20, None)], overcommit=overcommit)
             self._boot(inst, self.image(inst.image_digest))
         return inst
 
@@ -507,6 +559,7 @@ class Manager:
             util.fsync_dir(self.dd.guests)
         crashpoint("rm:renamed")
         self._kill_vmm_of(GuestDir(trash))
+        confine.release(self.dd.root, inst.id)
         crashpoint("rm:vmm-stopped")
         shutil.rmtree(trash, ignore_errors=True)
 
@@ -529,6 +582,8 @@ class Manager:
                 hint = f": use 'vmfork restore {inst.name}'" if st.state == "standby" else f": use 'vmfork start {inst.name}'"
                 raise WrongState(f"instance '{inst.name}' is {st.state}{hint}")
             assert st.proc is not None
+            if (mark := read_mark(inst.g, st.proc)) is not None:
+                raise WrongState(f"instance '{inst.name}' is {mark.describe()}")
             hv = self.hypervisor(inst)
             conn = muxctl.connect(inst.g, st.proc, lambda: hv.agent(inst.g, 5.0))
             try:
@@ -536,12 +591,18 @@ class Manager:
             except BaseException:
                 conn.close()
                 raise
-        with conn:
+        with conn, self._explain_vmm_death(inst):
             try:
                 return conn.wait_exec(req_id, argv, timeout=timeout, on_stdout=on_stdout,
                                       on_stderr=on_stderr, max_output=max_output)
-            except ExecAborted as e:
-                raise ExecAborted(f"'{inst.name}': {argv[0]!r} did not finish: {e}") from None
+            except AgentError as e:  # ExecAborted included: the VMM may have died under it
+                cause = death_cause(inst.g) if not st.proc.alive() else None
+                if cause:
+                    raise HypervisorError(f"instance '{inst.name}' died: {cause}; "
+                                          "it is stopped and its RAM is lost") from None
+                if isinstance(e, ExecAborted):
+                    raise ExecAborted(f"'{inst.name}': {argv[0]!r} did not finish: {e}") from None
+                raise
 
     # --- standby / restore ----------------------------------------------------------------
     def standby(self, ref: str) -> dict[str, Any]:
@@ -598,9 +659,27 @@ class Manager:
             raise WrongState(f"instance '{inst.name}' cannot be {what}: {problem} "
                              f"('vmfork rm {inst.name}' removes it)")
 
-    def restore(self, ref: str) -> dict[str, Any]:
+    def restore(self, ref: str, *, overcommit: bool = False) -> dict[str, Any]:
         with self._locked(ref) as inst:
+            if self.status(inst).state == "standby":
+                self._admit(f"'{inst.name}'", self.hypervisor(inst), [ram_claim(
+                    inst.name, inst.memory_mib << 20, inst.g.snapshot_latest / "memory")], overcommit=overcommit)
             return self._restore_locked(inst)
+
+    def resume(self, ref: str, *, overcommit: bool = False) -> str:
+        """Resume a running guest that is paused (by the space watchdog, or left paused);
+        returns what was done."""
+        with self._locked(ref) as inst:
+            st = self.status(inst)
+            self._usable(inst, st)
+            if st.proc is None:
+                raise WrongState(f"instance '{inst.name}' is {st.state}: only a running instance can be resumed")
+            hv = self.hypervisor(inst)
+            self._admit(f"'{inst.name}'", hv, [ram_claim(inst.name, inst.memory_mib << 20, inst.g.memory)],
+                        overcommit=overcommit, replacing=(inst.id,))
+            resumed = hv.resume(inst.g, st.proc)
+            clear_mark(inst.g)
+            return "resumed" if resumed else "not paused"
 
     def _restore_locked(self, inst: Instance) -> dict[str, Any]:
         st = self.status(inst)
@@ -626,6 +705,7 @@ class Manager:
         if file_backed:
             os.rename(r / "memory", g.memory)  # the guest RAM is this file while the VMM runs
         crashpoint("restore:memory-moved")
+        self._confine(inst, image)
         resumed = False
 
         def before_resume() -> None:  # the commit point: from here on the guest writes its RAM
@@ -636,7 +716,8 @@ class Manager:
         t_prep = time.monotonic()
         try:
             shutil.rmtree(g.snapshot_base, ignore_errors=True)  # only this snapshot can become the base
-            restored = hv.restore(g, cfg, image, r, before_resume=before_resume)
+            with self._explain_vmm_death(inst):
+                restored = hv.restore(g, cfg, image, r, before_resume=before_resume)
             proc = restored.proc
         except BaseException:
             if not resumed or not hv.capabilities.restore_consumes_snapshot:
@@ -646,6 +727,7 @@ class Manager:
             raise
         crashpoint("restore:resumed")
         t_vmm = time.monotonic()
+        watchdog.ensure(self.dd.root)
         try:
             agent_phases = self._agent_ready(inst, hv, proc, RESTORE_TIMEOUT, "restore")
         except BaseException:
@@ -682,7 +764,7 @@ class Manager:
 
     # --- fork -----------------------------------------------------------------------------
     def fork(self, src_ref: str, name: str, *, from_running: bool = False,
-             target_state: str | None = None) -> tuple[Instance, dict[str, Any]]:
+             target_state: str | None = None, overcommit: bool = False) -> tuple[Instance, dict[str, Any]]:
         util.validate_name(name)
         if target_state not in (None, "running", "standby", "stopped"):
             raise InvalidArgument(f"invalid target state '{target_state}': use running, standby or stopped")
@@ -704,6 +786,12 @@ class Manager:
                 if st.state == "stopped":
                     raise WrongState(f"instance '{src.name}' is stopped: only a standby or running instance can be forked")
                 target = target_state or ("running" if was_running else "standby")
+                ram = src.memory_mib << 20  # a running fork and a running source claim all their RAM
+                claims = ([Claim(name, ram, ram)] if target == "running" else []) \
+                    + ([Claim(src.name, ram, ram)] if was_running else [])
+                if claims:
+                    self._admit(f"fork '{name}'", self.hypervisor(src), claims, overcommit=overcommit,
+                                replacing=(src.id,))
                 if was_running:
                     timings["source_standby"] = self._standby_locked(src)
                     crashpoint("fork:source-standby")
@@ -744,6 +832,9 @@ class Manager:
             self._check_name_free(name)
             try:
                 stats = clone_tree(src.dir, tmp, skip=_guest_skip)
+                for d in (tmp, tmp / "logs"):  # not the source VMM's 0710 root:<its gid>: its own, later
+                    if d.is_dir():
+                        os.chmod(d, 0o700)
                 snap = GuestDir(tmp).snapshot_latest
                 if self.hypervisor(src).prepare_fork(GuestDir(self.dd.guests / iid), snap):
                     integrity.write_manifest(snap, src.memory_mib << 20)  # its own state now
@@ -754,6 +845,7 @@ class Manager:
                     memory_mib=src.memory_mib, vcpus=src.vcpus, image_digest=src.image_digest,
                     created_at=_now(), mac=new_mac(), cid=self._free_cid(), parent_id=src.id,
                     parent_name=src.name, identity_applied=False, pending=pending, dir=tmp,
+                    limits=src.limits,  # resource limits, not credentials: the fork gets its own uid
                 )
                 fork.g.ensure_dirs()
                 util.atomic_write_json(fork.g.metadata, fork.to_json(), durable=False)
@@ -779,10 +871,16 @@ class Manager:
     def fork_count(self, src_ref: str, name: str, **kw: Any) -> tuple[list[Instance], dict[str, Any]]:
         return snapshot_ops.fork_instance(self, src_ref, name, **kw)
 
-    def rollback(self, ref: str, snapshot: str) -> tuple[Instance, dict[str, Any]]:
-        return snapshot_ops.rollback(self, ref, snapshot)
+    def rollback(self, ref: str, snapshot: str, *, overcommit: bool = False) -> tuple[Instance, dict[str, Any]]:
+        return snapshot_ops.rollback(self, ref, snapshot, overcommit=overcommit)
 
     # --- views ----------------------------------------------------------------------------
+    def _confinement(self, inst: Instance) -> dict[str, Any]:
+        """The VMM's uid, its limits as asked, and its cgroup as it is (limits set, usage)."""
+        limits = confine.default_limits(inst.memory_mib, inst.accel, **(inst.limits or {}))
+        return {"confined": (inst.g.run / confine.PLAN).exists(), "uid": inst.uid, "gid": inst.uid,
+                "limits": limits.to_json(), "cgroup": confine.usage(self.dd.root, inst.id)}
+
     def describe(self, inst: Instance, *, detail: bool = False) -> dict[str, Any]:
         st = self.status(inst)
         state = st.state
@@ -793,11 +891,17 @@ class Manager:
         parents = self.dd.root / "snapshots" if inst.parent_kind == "snapshot" else self.dd.guests
         if inst.parent_id and not (parents / inst.parent_id).is_dir():
             parent = f"{inst.parent_name} (deleted)"
+        mark = read_mark(inst.g, st.proc) if st.proc is not None else None
+        if mark is not None:
+            state = "paused"
+        problem = st.problem or (mark.describe() if mark else death_cause(inst.g) if state == "stopped" else None)
         d: dict[str, Any] = {
-            "id": inst.id, "name": inst.name, "state": state, "hypervisor": inst.hypervisor,
+            "id": inst.id, "name": inst.name, "state": state, "problem": problem, "hypervisor": inst.hypervisor,
             "accel": inst.accel, "memory_mib": inst.memory_mib, "vcpus": inst.vcpus,
             "pid": st.proc.pid if st.proc else None, "dir": str(inst.dir),
-            "created_at": inst.created_at, "parent": parent, "problem": st.problem,
+            "created_at": inst.created_at, "parent": parent,
+            "last_exit": (confine.exit_cause(self.dd.root, inst.id)
+                          if st.proc is None and inst.g.vmm_json.exists() else None),
         }
         if detail and not inst.problem:
             from vmfork.fs import allocated_bytes
@@ -818,7 +922,7 @@ class Manager:
                 "image": inst.image_digest, "disk": str(inst.g.disk),
                 "disk_allocated_bytes": allocated_bytes(inst.g.disk) if inst.g.disk.exists() else 0,
                 "console_log": str(inst.g.console_log), "pending": inst.pending,
-                "snapshot": snapshot,
+                "snapshot": snapshot, "confinement": self._confinement(inst),
             }
         return d
 

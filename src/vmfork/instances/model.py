@@ -44,6 +44,10 @@ class Instance:
     head_snapshot_name: str | None = None
     # A fork made with --count: the batch it belongs to (all of it is committed, or none).
     batch: str | None = None
+    # Confinement: the VMM's own uid (= gid), allocated at its first start (a fork gets its
+    # own), and the resource limits asked for at creation (forks keep their source's).
+    uid: int | None = None
+    limits: dict[str, Any] | None = None
     dir: Path = field(default=Path("."), compare=False)
     # Not stored: why this instance cannot be used (unreadable metadata), if it cannot.
     problem: str | None = field(default=None, compare=False)

@@ -93,7 +93,7 @@ def create(mgr: Manager, ref: str, name: str) -> tuple[Snapshot, dict[str, Any]]
             id=sid, name=name, created_at=_now(), source_id=inst.id, source_name=inst.name,
             hypervisor=inst.hypervisor, memory_mib=inst.memory_mib, vcpus=inst.vcpus,
             accel=inst.accel, image_digest=inst.image_digest, vmm_version=cfg.vmm_version,
-            parent_id=head[0], parent_name=head[1], live=live, pause_ms=pause,
+            parent_id=head[0], parent_name=head[1], live=live, pause_ms=pause, limits=inst.limits,
         )
         t_files = time.monotonic()
         st.commit(tmp, snap)  # digests, metadata, fsync, rename
@@ -112,6 +112,9 @@ def _live(mgr: Manager, inst: Instance, proc: Any, tmp: Path) -> tuple[VMConfig,
     live = g.snapshots / LIVE_DIR
     shutil.rmtree(live, ignore_errors=True)
     live.mkdir(0o700, parents=True)
+    st_parent = os.stat(g.snapshots)  # a confined Firecracker owns snapshots/ and writes by path
+    if (st_parent.st_uid, st_parent.st_gid) != (0, 0) and os.geteuid() == 0:
+        os.chown(live, st_parent.st_uid, st_parent.st_gid)
     try:
         cfg = VMConfig.from_json(util.read_json(g.run / "config.json"))
 
@@ -154,7 +157,8 @@ Build = Callable[[Path], None]
 
 
 def fork_snapshot(mgr: Manager, ref: str, name: str, *, count: int | None = None,
-                  target_state: str = "standby", partial: bool = False) -> tuple[list[Instance], dict[str, Any]]:
+                  target_state: str = "standby", partial: bool = False,
+                  overcommit: bool = False) -> tuple[list[Instance], dict[str, Any]]:
     names = fork_names(name, count)
     st = store(mgr)
     snap = st.find(ref)
@@ -179,15 +183,16 @@ def fork_snapshot(mgr: Manager, ref: str, name: str, *, count: int | None = None
         template = {"hypervisor": snap.hypervisor, "accel": snap.accel, "memory_mib": snap.memory_mib,
                     "vcpus": snap.vcpus, "image_digest": snap.image_digest, "parent_id": snap.id,
                     "parent_name": snap.name, "parent_kind": "snapshot", "head_snapshot_id": snap.id,
-                    "head_snapshot_name": snap.name}
+                    "head_snapshot_name": snap.name, "limits": snap.limits}
         forks, timings = fork_many(mgr, names, build, template, target_state=target_state,
-                                   partial=partial, locked_source=True)
+                                   partial=partial, locked_source=True, overcommit=overcommit)
     timings["total_s"] = round(time.monotonic() - t0, 4)
     return forks, timings
 
 
 def fork_instance(mgr: Manager, src_ref: str, name: str, *, count: int, from_running: bool = False,
-                  target_state: str | None = None, partial: bool = False) -> tuple[list[Instance], dict[str, Any]]:
+                  target_state: str | None = None, partial: bool = False,
+                  overcommit: bool = False) -> tuple[list[Instance], dict[str, Any]]:
     """``vmfork fork SOURCE NAME --count N``: N forks of one instance in one pass."""
     names = fork_names(name, count)
     t0 = time.monotonic()
@@ -202,6 +207,12 @@ def fork_instance(mgr: Manager, src_ref: str, name: str, *, count: int, from_run
         if status.state == "stopped":
             raise WrongState(f"instance '{src.name}' is stopped: only a standby or running instance can be forked")
         target = target_state or ("running" if was_running else "standby")
+        if was_running and not overcommit:  # the source claims its RAM again when it is restored
+            from vmfork.space.admission import Claim
+
+            ram = src.memory_mib << 20
+            mgr._admit(f"fork '{name}' --count {count}", mgr.hypervisor(src), [Claim(src.name, ram, ram)],
+                       overcommit=overcommit, replacing=(src.id,))
         if was_running:
             timings["source_standby"] = mgr._standby_locked(src)
         try:
@@ -210,12 +221,16 @@ def fork_instance(mgr: Manager, src_ref: str, name: str, *, count: int, from_run
 
             def build(tmp: Path) -> None:
                 clone_tree(src.dir, tmp, skip=_guest_skip)
+                for d in (tmp, tmp / "logs"):  # not the source VMM's 0710 root:<its gid>
+                    if d.is_dir():
+                        os.chmod(d, 0o700)
 
             template = {"hypervisor": src.hypervisor, "accel": src.accel, "memory_mib": src.memory_mib,
                         "vcpus": src.vcpus, "image_digest": src.image_digest, "parent_id": src.id,
                         "parent_name": src.name, "head_snapshot_id": src.head_snapshot_id,
-                        "head_snapshot_name": src.head_snapshot_name}
+                        "head_snapshot_name": src.head_snapshot_name, "limits": src.limits}
             forks, t = fork_many(mgr, names, build, template, target_state=target, partial=partial,
+                                 overcommit=overcommit,
                                  locked_source=True, after_clone=(lambda: _restore_source(mgr, src, timings))
                                  if was_running else None)
             timings |= t
@@ -243,7 +258,7 @@ def _locks(mgr: Manager, iids: list[str], names: list[str]) -> Iterator[None]:
 
 
 def fork_many(mgr: Manager, names: list[str], build: Build, template: dict[str, Any], *,
-              target_state: str, partial: bool, locked_source: bool,
+              target_state: str, partial: bool, locked_source: bool, overcommit: bool = False,
               after_clone: Callable[[], None] | None = None) -> tuple[list[Instance], dict[str, Any]]:
     """Make one fork per name with ``build`` (which fills a new guest dir), in one pass:
     one global lock, one name check, one sync of all the clones, one directory sync; then
@@ -269,6 +284,12 @@ def fork_many(mgr: Manager, names: list[str], build: Build, template: dict[str, 
     timings: dict[str, Any] = {"count": len(names)}
     forks: list[Instance] = []
     hv = get_hypervisor(template["hypervisor"])
+    if target_state == "running":  # admission: each running fork claims all its RAM
+        from vmfork.space.admission import Claim
+
+        ram = template["memory_mib"] << 20
+        mgr._admit(f"{len(names)} fork(s) '{names[0]}'...", hv, [Claim(n, ram, ram) for n in names],
+                   overcommit=overcommit)
     marker = _batch_marker(mgr, bid)
     t0 = time.monotonic()
     with _locks(mgr, iids, names):  # held until the end: recovery leaves these forks alone
@@ -377,7 +398,7 @@ def _sync_files(files: list[Path]) -> None:
 
 
 # --- rollback ---------------------------------------------------------------------------------
-def rollback(mgr: Manager, ref: str, snap_ref: str) -> tuple[Instance, dict[str, Any]]:
+def rollback(mgr: Manager, ref: str, snap_ref: str, *, overcommit: bool = False) -> tuple[Instance, dict[str, Any]]:
     """Put instance ``ref`` back to its named snapshot ``snap_ref`` and run it from there; the
     snapshot stays (the instance gets clones of its files)."""
     st = store(mgr)
@@ -390,6 +411,10 @@ def rollback(mgr: Manager, ref: str, snap_ref: str) -> tuple[Instance, dict[str,
                              f"'{inst.name}' (nor was '{inst.name}' forked from it): "
                              f"'vmfork snapshot fork {snap.name} NAME' makes a new instance of it")
         st.check(snap, "restored")
+        from vmfork.space.admission import ram_claim
+
+        mgr._admit(f"'{inst.name}'", mgr.hypervisor(inst), [ram_claim(
+            inst.name, inst.memory_mib << 20, snap.dir / "memory")], overcommit=overcommit, replacing=(inst.id,))
         status = mgr.status(inst)
         if inst.problem:
             mgr._usable(inst, status)
@@ -447,7 +472,9 @@ def recover_guest(mgr: Manager, inst: Instance) -> list[str]:
         shutil.rmtree(live, ignore_errors=True)
         proc = vmm_record(g)
         resumed = False
-        if proc is not None:
+        from vmfork.space.pause import read_mark
+
+        if proc is not None and read_mark(g, proc) is None:  # one the watchdog paused stays paused
             with contextlib.suppress(VmforkError):
                 resumed = mgr.hypervisor(inst).resume(g, proc)
         actions.append(f"{inst.name}: removed an unfinished snapshot" + ("; resumed the guest" if resumed else ""))

@@ -57,6 +57,7 @@ class Snapshot:
     parent_name: str | None = None
     live: bool = False  # taken of a running instance
     pause_ms: float | None = None  # how long that instance was paused for it
+    limits: dict[str, Any] | None = None  # the source's resource limits (forks keep them)
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     format: int = 1
     dir: Path = field(default=Path("."), compare=False)
