@@ -54,7 +54,7 @@ def recovered(cli: CLI) -> dict[str, str]:
     guests, locks = cli.data_dir / "guests", cli.data_dir / "locks"
     assert not [p.name for p in guests.iterdir() if p.name.startswith(".")]
     ids = {str(i["id"]) for i in cli.json("ps")}  # type: ignore[union-attr, index]
-    stray = {f.name for f in locks.iterdir()} - {"global.lock"} - {f"{i}.lock" for i in ids}
+    stray = {f.name for f in locks.iterdir()} - {"global.lock", "watchdog.lock"} - {f"{i}.lock" for i in ids}
     assert not stray, f"lock files of no instance: {stray}"
     recorded = {int(i["pid"]) for i in cli.json("ps") if i["pid"]}  # type: ignore[union-attr, index, arg-type]
     assert _qemu_pids_in(cli.data_dir) == recorded

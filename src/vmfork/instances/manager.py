@@ -326,8 +326,8 @@ class Manager:
         """Lock files of instances that do not exist (left by a crash) go."""
         for f in self.dd.locks.glob("*.lock"):
             iid = f.name.removesuffix(".lock")
-            if iid == "global" or (self.dd.guests / iid).exists() or (self.dd.guests / f".tmp-{iid}").exists():
-                continue
+            if not util.is_id(iid) or (self.dd.guests / iid).exists() or (self.dd.guests / f".tmp-{iid}").exists():
+                continue  # global.lock, watchdog.lock: not an instance's
             with self._try_instance_lock(iid):
                 pass  # released with remove=True when free (the instance is gone)
 
