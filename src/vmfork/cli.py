@@ -209,11 +209,18 @@ def standby(c: Ctx, name: str, as_json: bool) -> None:
 
 @main.command()
 @click.argument("name")
+@click.option("--snapshot", "snap", default=None,
+              help="Roll NAME back to its named snapshot SNAP (which stays) and run it from there.")
 @overcommit_opt
 @json_opt
 @pass_ctx
-def restore(c: Ctx, name: str, overcommit: bool, as_json: bool) -> None:
+def restore(c: Ctx, name: str, snap: str | None, overcommit: bool, as_json: bool) -> None:
     """Start a VMM on NAME's snapshot and resume it (the snapshot is consumed)."""
+    if snap is not None:
+        _, t = c.mgr.rollback(name, snap, overcommit=overcommit)
+        _emit(as_json, {"name": name, "state": "running", "snapshot": snap, "timings": t},
+              lambda: out.print(_clean(f"{name}: rolled back to {snap}, running, in {t['total_s']:.3f}s")))
+        return
     t = c.mgr.restore(name, overcommit=overcommit)
     _emit(as_json, {"name": name, "state": "running", "timings": t},
           lambda: out.print(f"{name}: running, restored in {t['total_s']:.3f}s"))
@@ -236,12 +243,23 @@ def resume(c: Ctx, name: str, overcommit: bool, as_json: bool) -> None:
 @click.option("--from-running", is_flag=True, help="Allow a running source: standby it, fork, restore both.")
 @click.option("--target-state", type=click.Choice(["running", "standby", "stopped"]), default=None,
               help="State of the fork [default: the source's state].")
+@click.option("--count", type=int, default=None, help="Make N forks, NAME-1 ... NAME-N, in one pass (1 to 100).")
+@click.option("--partial", is_flag=True, help="With --count: keep the forks that succeeded if some fail.")
 @overcommit_opt
 @json_opt
 @pass_ctx
-def fork(c: Ctx, source: str, name: str, from_running: bool, target_state: str | None, overcommit: bool,
-         as_json: bool) -> None:
+def fork(c: Ctx, source: str, name: str, from_running: bool, target_state: str | None, count: int | None,
+         partial: bool, overcommit: bool, as_json: bool) -> None:
     """Fork SOURCE into a new instance NAME (copy-on-write clone of its snapshot)."""
+    if count is not None:
+        from vmfork.snapshot_cli import forks_out
+
+        forks, tc = c.mgr.fork_count(source, name, count=count, from_running=from_running,
+                                     target_state=target_state, partial=partial, overcommit=overcommit)
+        forks_out(sys.modules[__name__], as_json, forks, tc, c, source)
+        return
+    if partial:
+        raise InvalidArgument("--partial goes with --count")
     inst, t = c.mgr.fork(source, name, from_running=from_running, target_state=target_state,
                          overcommit=overcommit)
     d = c.mgr.describe(inst) | {"timings": t}
@@ -447,6 +465,10 @@ def demo(c: Ctx, memory: str, keep: bool) -> None:
 
     run_demo(c.mgr, util.parse_memory(memory), keep=keep, say=lambda m: out.print(Text.from_markup(m)))
 
+
+from vmfork.snapshot_cli import register  # noqa: E402
+
+register(sys.modules[__name__])  # 'snapshot ...', 'tree', 'df'
 
 if __name__ == "__main__":
     main()

@@ -953,3 +953,22 @@ def test_double_state_framing_matches_the_documented_layout() -> None:
     assert data[8:16] == (5).to_bytes(8, "little") and data[16:21] == b"8.0.0"
     assert fc_vmstate.crc64(data) == 0  # the trailer is the CRC of all before it
     fc_vmstate.verify(data)
+
+
+# --- live snapshot (named snapshots, issue 12) ------------------------------------------------------
+def test_live_snapshot_pauses_writes_full_and_resumes(env: Env, validator: SpecValidator) -> None:
+    g = env.guest("src000000001")
+    cfg = env.cfg("src000000001")
+    proc = env.hv.boot(g, cfg, env.image)
+    live = g.snapshots / ".live-snapshot"
+    live.mkdir(parents=True)
+    seen: list[str] = []
+    saved = env.hv.snapshot_live(g, cfg, proc, live, while_paused=lambda: seen.append(env.hv.status(g, proc)))
+    assert seen == ["paused"]  # the manager's clones happen while the guest is paused
+    assert proc.alive() and env.hv.status(g, proc) == "running"  # and it runs on
+    assert (live / "state").is_file() and (live / "memory").is_file()
+    assert cfg.snapshot_type == "Full" and saved.phases["pause_s"] >= 0
+    tail = [(r["method"], r["path"], r["status"]) for r in env.records(pid=proc.pid) if r["method"] != "GET"][-3:]
+    assert tail == [("PATCH", "/vm", 204), ("PUT", "/snapshot/create", 204), ("PATCH", "/vm", 204)]
+    assert contract_errors(validator, env.log) == []
+    env.hv.quit(g, proc)

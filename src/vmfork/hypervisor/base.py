@@ -31,6 +31,8 @@ class Capabilities:
     # the manager keeps the restored snapshot as snapshots/snapshot-base, the base that the
     # next Diff snapshot is merged into.
     restore_consumes_snapshot: bool = True
+    # True: ``snapshot_live`` takes a snapshot of a running guest and leaves it running.
+    live_snapshot: bool = False
 
 
 @dataclass
@@ -160,6 +162,14 @@ class Hypervisor(ABC):
                 before_resume: Callable[[], None] | None = None) -> RestoreResult:
         """Start a VMM on the snapshot in ``snap`` (with ``file_backed_memory`` its RAM is
         already at ``g.memory``), load it paused, call ``before_resume``, resume it."""
+
+    def snapshot_live(self, g: GuestDir, cfg: VMConfig, proc: ProcRef, into: Path, *,
+                      while_paused: Callable[[], None]) -> SaveResult:
+        """Pause the running guest, write its ``state`` (and its ``memory``, unless
+        ``file_backed_memory``) into ``into`` (a directory inside ``g``), call ``while_paused``
+        (the manager clones the RAM file and the disk), resume the guest. The guest runs on
+        afterwards, also on failure. ``phases["pause_s"]`` is how long it was paused."""
+        raise HypervisorError(f"{self.name} cannot snapshot a running guest: put it in standby first")
 
     def prepare_fork(self, fork: GuestDir, snap: Path) -> bool:
         """Make the freshly cloned snapshot in ``snap`` (in the fork's dir ``fork``) the fork's

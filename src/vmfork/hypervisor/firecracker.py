@@ -112,7 +112,7 @@ def find_binary(requested: str | None = None) -> tuple[str, str]:
 
 class FirecrackerHypervisor(Hypervisor):
     name = "firecracker"
-    capabilities = Capabilities(file_backed_memory=False, restore_consumes_snapshot=False)
+    capabilities = Capabilities(file_backed_memory=False, restore_consumes_snapshot=False, live_snapshot=True)
 
     def __init__(self, binary: str | None = None) -> None:
         self.requested, self.source = find_binary(binary)
@@ -299,6 +299,39 @@ class FirecrackerHypervisor(Hypervisor):
         proc.kill()  # Firecracker has synced both files before answering; it has no "quit" call
         _forget_base(g)  # its mem-file is now part of the new snapshot (Diff) or superseded (Full)
         return SaveResult({"snapshot_s": t_snap - t0, "exit_s": time.monotonic() - t_snap})
+
+    def snapshot_live(self, g: GuestDir, cfg: VMConfig, proc: ProcRef, into: Path, *,
+                      while_paused: Callable[[], None]) -> SaveResult:
+        """Pause, a Full snapshot into ``into``, ``while_paused``, resume. A snapshot resets
+        Firecracker's dirty-page log, so the next standby writes a Full one (no base)."""
+        t0 = time.monotonic()
+        fc_version, snapshot_version = self.version(), self.snapshot_version()
+        with self._api_of(g, proc) as api:
+            t_pause = time.monotonic()
+            try:
+                api.patch_vm("Paused")
+            except HypervisorError as e:
+                raise HypervisorError(f"snapshot failed, guest left running: {e}") from None
+            try:
+                _forget_base(g)
+                api.create_snapshot(snapshot_path=_rel(g, into / "state"), mem_file_path=_rel(g, into / "memory"),
+                                    snapshot_type="Full")
+                t_state = time.monotonic()
+                while_paused()
+                t_clone = time.monotonic()
+            except (HypervisorError, OSError) as e:
+                with contextlib.suppress(HypervisorError):
+                    api.patch_vm("Resumed")
+                raise HypervisorError(f"snapshot failed, guest left running: {e}") from None
+            except BaseException:
+                with contextlib.suppress(HypervisorError):
+                    api.patch_vm("Resumed")
+                raise
+            api.patch_vm("Resumed")
+            t_cont = time.monotonic()
+        cfg.vmm_version, cfg.snapshot_version, cfg.snapshot_type = fc_version, snapshot_version, "Full"
+        return SaveResult({"api_s": t_pause - t0, "state_s": t_state - t_pause, "clone_s": t_clone - t_state,
+                           "cont_s": t_cont - t_clone, "pause_s": t_cont - t_pause})
 
     def _diff_base_ok(self, g: GuestDir, cfg: VMConfig, proc: ProcRef, base_mem: Path) -> bool:
         """True if ``base_mem`` is the mem-file this very VMM was restored from, at full size."""

@@ -8,6 +8,7 @@ shared/notes/qemu-on-these-machines.md.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import shutil
@@ -56,7 +57,7 @@ def host_tsc_khz() -> int:
 
 class QemuHypervisor(Hypervisor):
     name = "qemu"
-    capabilities = Capabilities(file_backed_memory=True)
+    capabilities = Capabilities(file_backed_memory=True, live_snapshot=True)
 
     def __init__(self, binary: str | None = None) -> None:
         self.binary = binary or os.environ.get("VMFORK_QEMU_BIN") or BINARY
@@ -206,6 +207,40 @@ class QemuHypervisor(Hypervisor):
         t1 = time.monotonic()
         return SaveResult({"qmp_s": t_qmp - t0, "state_s": t_state - t_qmp, "quit_s": t_quit - t_state,
                            "exit_s": t1 - t_quit})
+
+    def snapshot_live(self, g: GuestDir, cfg: VMConfig, proc: ProcRef, into: Path, *,
+                      while_paused: Callable[[], None]) -> SaveResult:
+        """Standby's migration of the device state, then the manager's clone of the RAM file
+        (the vCPUs are stopped: it is consistent) and ``cont`` instead of ``quit``."""
+        t0 = time.monotonic()
+        fd = os.open(into / "state", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            with self._qmp(g, proc) as q:
+                q.set_migration_capabilities()
+                q.pass_fd(fd, "vmfork-state")
+                was_running = q.execute("query-status").get("status") == "running"
+                t_stop = time.monotonic()
+                q.execute("stop")
+                try:
+                    q.execute("migrate", {"uri": "fd:vmfork-state"})
+                    q.wait_migration()
+                    t_state = time.monotonic()
+                    crashpoint("snapshot:state-written")
+                    while_paused()
+                    t_clone = time.monotonic()
+                finally:
+                    if was_running:  # postmigrate -> running; a guest paused before stays paused
+                        q.execute("cont")
+                t_cont = time.monotonic()
+        except HypervisorError as e:
+            with contextlib.suppress(HypervisorError), self._qmp(g, proc, timeout=2) as q2:
+                if q2.execute("query-status").get("status") in ("paused", "postmigrate"):
+                    q2.execute("cont")
+            raise HypervisorError(f"snapshot failed, guest left running: {e}") from None
+        finally:
+            os.close(fd)
+        return SaveResult({"qmp_s": t_stop - t0, "state_s": t_state - t_stop, "clone_s": t_clone - t_state,
+                           "cont_s": t_cont - t_clone, "pause_s": t_cont - t_stop})
 
     def restore(self, g: GuestDir, cfg: VMConfig, image: Image, snap: Path, *,
                 before_resume: Callable[[], None] | None = None) -> RestoreResult:

@@ -47,7 +47,7 @@ from vmfork.guest.agent import MAX_BUFFERED_OUTPUT, ExecResult, wait_ready
 from vmfork.hypervisor import get_hypervisor, resolve_accel
 from vmfork.hypervisor.base import Hypervisor, VMConfig, tail, vmm_record
 from vmfork.images import Image, ensure_image, load_image
-from vmfork.instances import integrity
+from vmfork.instances import integrity, snapshot_ops
 from vmfork.instances.model import Instance, new_mac
 from vmfork.layout import GuestDir
 from vmfork.locking import file_lock, release, try_lock, unlink_held
@@ -198,11 +198,13 @@ class Manager:
                 continue
             g = GuestDir(d)
             inst = Instance.load(d)
-            if not (g.snapshot_tmp.exists() or g.restoring.exists() or inst.pending):
+            if not (g.snapshot_tmp.exists() or g.restoring.exists() or inst.pending
+                    or snapshot_ops.needs_recovery(self, inst)):
                 continue
             with self._try_instance_lock(d.name) as free:
                 if free:
                     actions += self._recover_guest(Instance.load(d))
+        actions += snapshot_ops.recover(self)
         self._kill_orphan_vmms(actions)
         self._remove_stale_locks(actions)
         actions += confine.clean(self.dd.root, {d.name.split("-", 1)[-1] for d in self.dd.guests.iterdir()})
@@ -221,11 +223,14 @@ class Manager:
 
     def _recover_guest(self, inst: Instance) -> list[str]:
         g, label = inst.g, inst.name
+        if not inst.problem and snapshot_ops.batch_open(self, inst):
+            self._destroy(inst)  # all or none: its batch was never committed
+            return [f"{label}: rolled back an unfinished fork --count"]
         if inst.pending and not inst.problem:
             what = "fork" if inst.parent_id else "run"
             self._destroy(inst)
             return [f"{label}: rolled back an unfinished {what} (it was to end {inst.pending})"]
-        actions = []
+        actions = snapshot_ops.recover_guest(self, inst)
         if g.snapshot_tmp.exists():
             actions.append(f"{label}: {self._recover_standby(inst)}")
         if g.restoring.exists():
@@ -856,6 +861,19 @@ class Manager:
         fork.dir = self.dd.guests / iid
         return fork, stats, phases
 
+    # --- named snapshots (instances/snapshot_ops.py) ------------------------------------------
+    def snapshot_create(self, ref: str, name: str) -> tuple[Any, dict[str, Any]]:
+        return snapshot_ops.create(self, ref, name)
+
+    def snapshot_fork(self, ref: str, name: str, **kw: Any) -> tuple[list[Instance], dict[str, Any]]:
+        return snapshot_ops.fork_snapshot(self, ref, name, **kw)
+
+    def fork_count(self, src_ref: str, name: str, **kw: Any) -> tuple[list[Instance], dict[str, Any]]:
+        return snapshot_ops.fork_instance(self, src_ref, name, **kw)
+
+    def rollback(self, ref: str, snapshot: str, *, overcommit: bool = False) -> tuple[Instance, dict[str, Any]]:
+        return snapshot_ops.rollback(self, ref, snapshot, overcommit=overcommit)
+
     # --- views ----------------------------------------------------------------------------
     def _confinement(self, inst: Instance) -> dict[str, Any]:
         """The VMM's uid, its limits as asked, and its cgroup as it is (limits set, usage)."""
@@ -870,7 +888,8 @@ class Manager:
             qs = self.hypervisor(inst).status(inst.g, st.proc)
             state = "paused" if qs in ("paused", "prelaunch", "inmigrate", "postmigrate") else "running"
         parent = inst.parent_name
-        if inst.parent_id and not (self.dd.guests / inst.parent_id).is_dir():
+        parents = self.dd.root / "snapshots" if inst.parent_kind == "snapshot" else self.dd.guests
+        if inst.parent_id and not (parents / inst.parent_id).is_dir():
             parent = f"{inst.parent_name} (deleted)"
         mark = read_mark(inst.g, st.proc) if st.proc is not None else None
         if mark is not None:

@@ -37,6 +37,13 @@ class Instance:
     # An unfinished creation ("running", "stopped"): run or fork was still bringing the new
     # instance to this state. Cleared once done; a crashed creation is rolled back.
     pending: str | None = None
+    # "snapshot" when parent_id names a named snapshot (snapshots/<id>), not an instance.
+    parent_kind: str | None = None
+    # The named snapshot this instance's state last came from or was last taken as (lineage).
+    head_snapshot_id: str | None = None
+    head_snapshot_name: str | None = None
+    # A fork made with --count: the batch it belongs to (all of it is committed, or none).
+    batch: str | None = None
     # Confinement: the VMM's own uid (= gid), allocated at its first start (a fork gets its
     # own), and the resource limits asked for at creation (forks keep their source's).
     uid: int | None = None
