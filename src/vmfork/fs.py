@@ -12,6 +12,7 @@ import os
 import stat
 import struct
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -176,9 +177,20 @@ def extent_stats(path: Path, *, stop_at_shared: bool = False, sync: bool = True)
     ``stop_at_shared`` returns at the first extent shared with another file. Raises OSError
     where FIEMAP is unsupported (tmpfs, ...).
     """
-    batch = 256
-    hdr, ext = struct.calcsize(_FIEMAP_HDR), struct.calcsize(_FIEMAP_EXT)
     out = ExtentStats()
+    for _logical, _phys, length, flags in _fiemap(path, sync=sync):
+        out.count += 1
+        out.bytes += length
+        if flags & FIEMAP_EXTENT_SHARED:
+            out.shared_bytes += length
+            if stop_at_shared:
+                break
+    return out
+
+
+def _fiemap(path: Path, *, sync: bool, batch: int = 256) -> Iterator[tuple[int, int, int, int]]:
+    """The data extents of ``path`` as ``(logical, physical, length, flags)`` (FIEMAP)."""
+    hdr, ext = struct.calcsize(_FIEMAP_HDR), struct.calcsize(_FIEMAP_EXT)
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         start = 0
@@ -189,18 +201,13 @@ def extent_stats(path: Path, *, stop_at_shared: bool = False, sync: bool = True)
             fcntl.ioctl(fd, FS_IOC_FIEMAP, buf)
             mapped = struct.unpack_from(_FIEMAP_HDR, buf)[3]
             if mapped == 0:
-                return out
+                return
             for i in range(mapped):
-                logical, _phys, length, _r1, _r2, flags, *_ = struct.unpack_from(_FIEMAP_EXT, buf, hdr + i * ext)
-                out.count += 1
-                out.bytes += length
-                if flags & FIEMAP_EXTENT_SHARED:
-                    out.shared_bytes += length
-                    if stop_at_shared:
-                        return out
+                logical, phys, length, _r1, _r2, flags, *_ = struct.unpack_from(_FIEMAP_EXT, buf, hdr + i * ext)
+                yield logical, phys, length, flags
                 start = logical + length
                 if flags & FIEMAP_EXTENT_LAST:
-                    return out
+                    return
     finally:
         os.close(fd)
 
@@ -238,25 +245,5 @@ def free_bytes(path: Path) -> int:
 def physical_extents(path: Path, *, sync: bool = True) -> list[tuple[int, int, bool]]:
     """The data extents of ``path`` as ``(physical offset, length, shared)`` (FIEMAP; dirty
     data written back first with ``sync``). Raises OSError where FIEMAP is unsupported."""
-    batch = 512
-    hdr, ext = struct.calcsize(_FIEMAP_HDR), struct.calcsize(_FIEMAP_EXT)
-    out: list[tuple[int, int, bool]] = []
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        start = 0
-        while True:
-            buf = bytearray(struct.pack(_FIEMAP_HDR, start, (1 << 64) - 1 - start,
-                                        FIEMAP_FLAG_SYNC if sync else 0, 0, batch, 0))
-            buf += bytes(ext * batch)
-            fcntl.ioctl(fd, FS_IOC_FIEMAP, buf)
-            mapped = struct.unpack_from(_FIEMAP_HDR, buf)[3]
-            if mapped == 0:
-                return out
-            for i in range(mapped):
-                logical, phys, length, _r1, _r2, flags, *_ = struct.unpack_from(_FIEMAP_EXT, buf, hdr + i * ext)
-                out.append((phys, length, bool(flags & FIEMAP_EXTENT_SHARED)))
-                start = logical + length
-                if flags & FIEMAP_EXTENT_LAST:
-                    return out
-    finally:
-        os.close(fd)
+    return [(phys, length, bool(flags & FIEMAP_EXTENT_SHARED))
+            for _logical, phys, length, flags in _fiemap(path, sync=sync, batch=512)]
