@@ -777,14 +777,7 @@ class Manager:
         # no recovery takes it for the leftover of a crash meanwhile.
         with self._instance_lock(iid, name, timeout=0):
             with self._locked(src) as src:
-                st = self.status(src)
-                self._usable(src, st)
-                was_running = st.state == "running"
-                if was_running and not from_running:
-                    raise WrongState(f"instance '{src.name}' is running: use 'fork --from-running' "
-                                     "(it is put in standby, forked, and both are restored)")
-                if st.state == "stopped":
-                    raise WrongState(f"instance '{src.name}' is stopped: only a standby or running instance can be forked")
+                was_running = self._check_forkable(src, self.status(src), from_running)
                 target = target_state or ("running" if was_running else "standby")
                 ram = src.memory_mib << 20  # a running fork and a running source claim all their RAM
                 claims = ([Claim(name, ram, ram)] if target == "running" else []) \
@@ -819,6 +812,17 @@ class Manager:
                 raise
         timings["total_s"] = round(time.monotonic() - t0, 4)
         return fork, timings
+
+    def _check_forkable(self, src: Instance, st: Status, from_running: bool) -> bool:
+        """Refuse a source that cannot be forked as asked; True if it is running."""
+        self._usable(src, st)
+        was_running = st.state == "running"
+        if was_running and not from_running:
+            raise WrongState(f"instance '{src.name}' is running: use 'fork --from-running' "
+                             "(it is put in standby, forked, and both are restored)")
+        if st.state == "stopped":
+            raise WrongState(f"instance '{src.name}' is stopped: only a standby or running instance can be forked")
+        return was_running
 
     def _clone(self, src: Instance, name: str, iid: str,
                pending: str | None) -> tuple[Instance, CopyStats, dict[str, float]]:

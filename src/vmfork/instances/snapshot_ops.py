@@ -198,14 +198,7 @@ def fork_instance(mgr: Manager, src_ref: str, name: str, *, count: int, from_run
     t0 = time.monotonic()
     timings: dict[str, Any] = {}
     with mgr._locked(src_ref) as src:
-        status = mgr.status(src)
-        mgr._usable(src, status)
-        was_running = status.state == "running"
-        if was_running and not from_running:
-            raise WrongState(f"instance '{src.name}' is running: use 'fork --from-running' "
-                             "(it is put in standby, forked, and both are restored)")
-        if status.state == "stopped":
-            raise WrongState(f"instance '{src.name}' is stopped: only a standby or running instance can be forked")
+        was_running = mgr._check_forkable(src, mgr.status(src), from_running)
         target = target_state or ("running" if was_running else "standby")
         if was_running and not overcommit:  # the source claims its RAM again when it is restored
             from vmfork.space.admission import Claim
