@@ -7,6 +7,7 @@ size hint (fsxattr), data extents and their sharing (FIEMAP), allocated and free
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import stat
@@ -219,6 +220,36 @@ def has_shared_extents(path: Path) -> bool:
         return extent_stats(path, stop_at_shared=True, sync=False).shared_bytes > 0
     except OSError:
         return False
+
+
+def data_ranges(fd: int, size: int) -> list[tuple[int, int]]:
+    """The ``[start, end)`` data ranges of ``fd`` below ``size`` (SEEK_DATA/SEEK_HOLE)."""
+    ranges: list[tuple[int, int]] = []
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # only a hole is left
+                break
+            if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):  # no SEEK_DATA: all data
+                ranges.append((pos, size))
+                break
+            raise
+        if start >= size:
+            break
+        try:
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:  # the file shrank under us
+                raise
+            end = size
+        end = min(end, size)
+        if end <= start:
+            break
+        ranges.append((start, end))
+        pos = end
+    return ranges
 
 
 def allocated_bytes(path: Path) -> int:

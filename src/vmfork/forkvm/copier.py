@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Literal
 
 from vmfork.errors import VmforkError
-from vmfork.fs import FICLONE, filesystem_type
+from vmfork.fs import FICLONE, data_ranges, filesystem_type
 from vmfork.util import fsync_dir
 
 __all__ = [
@@ -161,36 +161,6 @@ class _Reflinker:
         return True
 
 
-def _data_ranges(fd: int, size: int) -> list[tuple[int, int]]:
-    """The ``[start, end)`` data ranges of ``fd`` below ``size`` (SEEK_DATA/SEEK_HOLE)."""
-    ranges: list[tuple[int, int]] = []
-    pos = 0
-    while pos < size:
-        try:
-            start = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:  # only a hole is left
-                break
-            if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):  # no SEEK_DATA: all data
-                ranges.append((pos, size))
-                break
-            raise
-        if start >= size:
-            break
-        try:
-            end = os.lseek(fd, start, os.SEEK_HOLE)
-        except OSError as exc:
-            if exc.errno != errno.ENXIO:  # the file shrank under us
-                raise
-            end = size
-        end = min(end, size)
-        if end <= start:
-            break
-        ranges.append((start, end))
-        pos = end
-    return ranges
-
-
 def _copy_range_rw(src_fd: int, dst_fd: int, start: int, end: int) -> int:
     copied = 0
     pos = start
@@ -211,7 +181,7 @@ def _sparse_copy_fd(src_fd: int, dst_fd: int, size: int) -> int:
     """Copy the data ranges of ``src_fd`` to the same offsets of ``dst_fd``; return bytes copied."""
     use_cfr = True
     copied = 0
-    for start, end in _data_ranges(src_fd, size):
+    for start, end in data_ranges(src_fd, size):
         pos = start
         while pos < end:
             if use_cfr:

@@ -15,23 +15,11 @@ import os
 import struct
 from pathlib import Path
 
+from vmfork.fs import data_ranges
+
 ALGO = "sha256-z1m"
 BLOCK = 1 << 20
 _ZERO = bytes(BLOCK)
-
-
-def _data_ranges(fd: int, size: int) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    pos = 0
-    while pos < size:
-        try:
-            start = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError:  # ENXIO: no data after pos
-            break
-        end = os.lseek(fd, start, os.SEEK_HOLE)
-        out.append((start, min(end, size)))
-        pos = end
-    return out
 
 
 def file_digest(path: Path) -> dict[str, int | str]:
@@ -41,7 +29,7 @@ def file_digest(path: Path) -> dict[str, int | str]:
     try:
         size = os.fstat(fd).st_size
         done = 0  # blocks below this offset are hashed (two data ranges may share a block)
-        for start, end in _data_ranges(fd, size):
+        for start, end in data_ranges(fd, size):
             off = max(start - start % BLOCK, done)
             while off < end:
                 n = min(BLOCK, size - off)
