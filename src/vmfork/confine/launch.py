@@ -6,7 +6,8 @@ it is the only thread of its process (unshare of the mount namespace needs that)
 
 1. join the instance's cgroups (``0`` into each ``cgroup.procs``), so every page and thread
    of the VMM is counted from its first instruction;
-2. ``unshare`` a mount, IPC and (unless the instance has a network to join) network namespace;
+2. join the instance's network namespace (``setns``, if it has a network), else ``unshare``
+   a new empty one; ``unshare`` a mount and IPC namespace;
 3. mark every mount private, build a small root on a fresh tmpfs: ``/usr`` (and the
    ``/lib*``, ``/bin`` links of a merged-/usr host) read-only, a few device nodes, a
    ``/proc`` that shows only this uid's processes, and bind mounts, *at their host paths*, of
@@ -28,6 +29,7 @@ import errno
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWIPC = 0x08000000
@@ -64,6 +66,7 @@ class Spec:
     root_links: dict[str, str] = field(default_factory=dict)
     root_dirs: tuple[str, ...] = ()
     ro_files: tuple[str, ...] = ()  # single files bound read-only (ld.so.cache)
+    netns: str = ""  # a network namespace (/run/netns/<name>) to join instead of a new one
 
 
 def host_root_entries() -> tuple[dict[str, str], tuple[str, ...]]:
@@ -90,12 +93,42 @@ class _Libc:
         self.prctl = libc.prctl
         self.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
         self.syscall = libc.syscall
+        self.setns = libc.setns
+        self.setns.argtypes = [ctypes.c_int, ctypes.c_int]
 
 
 def _check(rc: int, what: str) -> None:
     if rc != 0:
         e = ctypes.get_errno()
         raise OSError(e, f"{what}: {os.strerror(e)}")
+
+
+def _setns(libc: _Libc, name: str) -> None:
+    fd = os.open(f"/run/netns/{name}", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _check(libc.setns(fd, CLONE_NEWNET), f"setns into network namespace {name}")
+    finally:
+        os.close(fd)
+
+
+def join_netns(name: str, inner: Any) -> Any:
+    """A Popen-like starter (wrapping ``inner``, or ``subprocess.Popen``) whose child joins
+    network namespace ``name`` before exec: an unconfined VMM with a network."""
+    import subprocess
+
+    libc = _Libc()
+
+    def setup() -> None:
+        try:
+            _setns(libc, name)
+        except OSError as e:
+            os.write(2, f"vmfork: {e.strerror or e}\n".encode())
+            raise
+
+    def start(args: list[str], **kw: Any) -> Any:
+        return (inner or subprocess.Popen)(args, preexec_fn=setup, **kw)
+
+    return start
 
 
 def child_setup(spec: Spec) -> Callable[[], None]:
@@ -129,6 +162,8 @@ def child_setup(spec: Spec) -> Callable[[], None]:
                     os.write(fd, b"0")
                 finally:
                     os.close(fd)
+            if spec.netns:
+                _setns(libc, spec.netns)
             flags = CLONE_NEWNS | CLONE_NEWIPC | (CLONE_NEWNET if spec.new_net else 0)
             _check(libc.unshare(flags), "unshare")
             mount(None, "/", None, MS_REC | MS_PRIVATE)
