@@ -137,8 +137,9 @@ pass_ctx = click.make_pass_decorator(Ctx)
 @click.option("--memory-limit", default=None, help="Memory limit of the VMM [default: guest RAM + overhead].")
 @click.option("--pids-limit", type=int, default=None, help="Threads/processes limit of the VMM [default: 256].")
 @click.option("--io-weight", type=int, default=None, help="I/O weight of the VMM, 1-10000 [default: the host's].")
-@click.option("--network", "net_mode", default="none", show_default=True,
-              help="none, or default: own namespace and address, NAT (needs root).")
+@click.option("--network", "net_mode", default=None,
+              help="none, or default: own namespace and address, NAT (needs root) "
+                   "[default: default with -p/--egress/--allow/--subnet, else none].")
 @click.option("-p", "--publish", multiple=True, help="[HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|udp] (repeatable).")
 @click.option("--egress", default="allow", show_default=True, help="allow or deny the guest's outgoing traffic.")
 @click.option("--allow", "allow_nets", multiple=True, help="With --egress deny: a CIDR the guest may reach (repeatable).")
@@ -147,15 +148,15 @@ pass_ctx = click.make_pass_decorator(Ctx)
 @json_opt
 @pass_ctx
 def run(c: Ctx, name: str, memory: str, vcpus: int, hypervisor: str, accel: str, cpus: float | None,
-        memory_limit: str | None, pids_limit: int | None, io_weight: int | None, net_mode: str,
+        memory_limit: str | None, pids_limit: int | None, io_weight: int | None, net_mode: str | None,
         publish: tuple[str, ...], egress: str, allow_nets: tuple[str, ...], subnet: str | None, overcommit: bool,
         as_json: bool) -> None:
     """Create instance NAME and boot it; returns once its guest agent answers."""
     util.validate_name(name)
     from vmfork.network.spec import build as net_spec
 
-    if (publish or allow_nets or egress != "allow" or subnet) and net_mode == "none":
-        net_mode = "default"  # asking for ports or a policy asks for a network
+    if net_mode is None:  # asking for ports or a policy asks for a network
+        net_mode = "default" if (publish or allow_nets or egress != "allow" or subnet) else "none"
     network = net_spec(net_mode, publish, egress, allow_nets, subnet)
     memory_mib = util.parse_memory(memory)
     limits = {"cpus": cpus, "pids": pids_limit, "io_weight": io_weight,

@@ -27,6 +27,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +48,7 @@ PR_SET_NO_NEW_PRIVS = 38
 _NR_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}
 
 DEVICES = ("null", "zero", "full", "random", "urandom")
+TUN = "net/tun"  # made anew for the VMM's uid, not bound (see ``tun_node``)
 
 
 @dataclass(frozen=True)
@@ -153,6 +155,17 @@ def child_setup(spec: Spec) -> Callable[[], None]:
             os.close(os.open(dst, os.O_CREAT | os.O_WRONLY, 0o600))
         return dst
 
+    def tun_node(root: str) -> None:
+        """``/dev/net/tun`` for the VMM's uid, which opens its TAP by name (Firecracker
+        always): a node of its own (as Firecracker's jailer makes), on a small tmpfs of its
+        own (the root is nodev), owned by the VMM's uid; the host's node (often 0600 root)
+        is not touched. The TAP itself is owned by that uid (``ip tuntap add ... user``)."""
+        st = os.stat("/dev/net/tun")
+        d = target(root, "/dev/net", is_dir=True)
+        mount("tmpfs", d, "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=0755,size=4k,nr_inodes=8")
+        os.mknod(f"{d}/tun", stat.S_IFCHR | 0o600, st.st_rdev)
+        os.chown(f"{d}/tun", spec.uid, spec.gid)
+
     def setup() -> None:
         umask = os.umask(0o022)  # the minimal tree must be traversable by the VMM's uid
         try:
@@ -177,6 +190,9 @@ def child_setup(spec: Spec) -> Callable[[], None]:
             for f in spec.ro_files:
                 bind(f, target(root, f, is_dir=False), ro=True)
             for dev in spec.devices:
+                if dev == TUN:
+                    tun_node(root)
+                    continue
                 bind(f"/dev/{dev}", target(root, f"/dev/{dev}", is_dir=False), ro=False, dev=True)
             proc = target(root, "/proc", is_dir=True)
             try:

@@ -257,3 +257,21 @@ def describe(data_dir: Path, iid: str, spec: NetSpec) -> dict[str, Any] | None:
             "gateway": lease.gateway if lease else None, "netns": lease.netns if lease else None,
             "published": [str(p) for p in spec.publish], "forwarding": lease.forwarding if lease else None,
             "egress": spec.egress, "allow": list(spec.allow)}
+
+
+def doctor_checks() -> list[tuple[str, str, str]]:
+    """``vmfork doctor``'s view of what ``--network default`` needs: (name, status, detail)."""
+    import shutil
+
+    out = []
+    for tool, pkg in (("ip", "iproute2"), ("nft", "nftables")):
+        path = shutil.which(tool)
+        out.append((f"network: {tool}", "ok" if path else "warn",
+                    path or f"missing: install {pkg} (make setup) for --network default"))
+    tun = os.path.exists("/dev/net/tun")
+    out.append(("network: /dev/net/tun", "ok" if tun else "warn",
+                "present" if tun else "missing: load the tun module (modprobe tun) for --network default"))
+    root = os.geteuid() == 0
+    out.append(("network: root", "ok" if root else "warn",
+                "vmfork runs as root" if root else "--network default needs root (namespaces, TAP, nftables)"))
+    return out
