@@ -327,3 +327,23 @@ def test_network_none_has_no_nic(cli: NsCLI) -> None:
     r = cli("run", "plain", "--network", "none", "-p", "80:80", check=False)
     assert r.returncode != 0 and "need a network" in r.stderr.decode()
     assert not (Path(cli.data_dir) / "guests").exists() or "plain" not in leftovers(cli)["instances"]
+
+
+def test_published_ports_listed_and_their_forwarding_stopped_and_restarted(cli: NsCLI, web: dict[str, Any]) -> None:
+    """The API for a wake-on-traffic listener: list an instance's ports, free them, take them back."""
+    def api(call: str) -> str:
+        return sh("nsenter", f"--net=/run/netns/{cli.ns}", sys.executable, "-c",
+                  "import sys; from pathlib import Path; from vmfork import network; "
+                  f"d, i = Path(sys.argv[1]), sys.argv[2]; print({call})", str(cli.data_dir), web["id"]).strip()
+
+    assert api("sorted(str(p) for p in network.published(d, i))") == str(
+        sorted([f"127.0.0.1:{PUB_LOCAL}:80/tcp", f"{PUB_ANY}:80/tcp"]))
+    api("network.set_forwarding(d, i, False)")
+    try:
+        with pytest.raises(AssertionError):  # nothing forwards, nothing listens: refused
+            fetch(cli.ns, f"http://127.0.0.1:{PUB_ANY}/cgi-bin/name")
+        assert fetch(cli.ns, f"http://{web['network']['ip']}/cgi-bin/name") == "web"  # the guest itself runs on
+        assert cli.inspect("web")["network"]["forwarding"] is False
+    finally:
+        api("network.set_forwarding(d, i, True)")
+    assert fetch(cli.ns, f"http://127.0.0.1:{PUB_ANY}/cgi-bin/name") == "web"
