@@ -93,10 +93,17 @@ def _exists(lease: Lease) -> bool:
     return done and os.path.exists(netns_path(lease.netns))
 
 
-def _teardown(lease: Lease) -> None:
-    """Remove what ``_begin`` made; whatever is already gone is fine."""
-    for argv in (["ip", "netns", "delete", lease.netns], ["ip", "link", "delete", lease.veth],
-                 ["nft", "delete", "table", "ip", rules.host_table(lease.iid)]):
+def _teardown(lease: Lease, *, table: bool = True) -> None:
+    """Remove what ``_begin`` made; whatever is already gone is fine (and costs no process).
+    Without ``table`` the host table is left: the next ``_begin`` replaces it whole."""
+    steps = []
+    if os.path.exists(netns_path(lease.netns)):
+        steps.append(["ip", "netns", "delete", lease.netns])
+    if os.path.exists(f"/proc/sys/net/ipv4/conf/{lease.veth}"):
+        steps.append(["ip", "link", "delete", lease.veth])
+    if table:
+        steps.append(["nft", "delete", "table", "ip", rules.host_table(lease.iid)])
+    for argv in steps:
         try:
             run(argv)
         except ExternalToolError:
@@ -104,31 +111,37 @@ def _teardown(lease: Lease) -> None:
 
 
 def _begin(lease: Lease, uid: int) -> Callable[[], None]:
-    """Make what the VMM needs to start (the namespace and its TAP) and start the rest at
-    once; return the function that waits for the rest (the veth, the addresses, both tables).
+    """Make what the VMM needs to start and start the rest at once; return the function
+    that waits for the rest.
 
-    Only ``ip netns add`` and the TAP are on the critical path: the VMM starts (and loads
-    its snapshot) while the rest is made. The guest gets no path out before the namespace's
-    rules are in place: its ``eth0`` is brought up, by the last step, after them."""
+    On the critical path, two processes: ``ip netns add``, then one ``ip -n NS -batch`` in the
+    new namespace that makes the TAP and the veth pair (its host end sent to vmfork's
+    namespace, by pid) and sets the namespace's addresses and route. Made meanwhile, while
+    the VMM starts and loads: the host end's address, both nftables tables. The guest runs
+    only once all of it is in place (the caller completes before resuming it)."""
     spec = lease.net
     run(["ip", "netns", "add", lease.netns])
     prefix = 30
-    tap = start(["ip", "-batch", "-"], netns=lease.netns, sysctls={"net/ipv4/ip_forward": "1"}, stdin=(
+    inside = start(["ip", "-n", lease.netns, "-batch", "-"], stdin=(  # ip joins it itself: no preexec
         f"tuntap add dev {TAP} mode tap user {uid}\n"
         f"addr add {TAP_IP}/{GUEST_PREFIX} dev {TAP}\n"
         f"link set {TAP} up\n"
-        "link set lo up\n"))
-    host = start(["ip", "-batch", "-"], stdin=(
-        f"link add {lease.veth} type veth peer name {NS_VETH} netns {lease.netns}\n"
-        f"addr add {lease.gateway}/{prefix} dev {lease.veth}\n"
-        f"link set {lease.veth} up\n"))
+        "link set lo up\n"
+        f"link add {NS_VETH} type veth peer name {lease.veth} netns {os.getpid()}\n"
+        f"addr add {lease.ip}/{prefix} dev {NS_VETH}\n"
+        f"link set {NS_VETH} up\n"
+        f"route add default via {lease.gateway}\n"))
     nft_in = start(["nft", "-f", "-"], stdin=rules.instance_rules(lease.ip, spec.egress, spec.allow),
-                   netns=lease.netns)
+                   netns=lease.netns, sysctls={"net/ipv4/ip_forward": "1"})
     nft_host = start(["nft", "-f", "-"], stdin=rules.host_rules(
         lease.iid, lease.ip, lease.veth, spec.publish, forwarding=lease.forwarding))
-    rest = [(host, "ip"), (nft_in, "nft"), (nft_host, "nft")]
+    rest = [(nft_in, "nft"), (nft_host, "nft")]
     try:
-        finish(tap, "ip")
+        finish(inside, "ip")
+        host = start(["ip", "-batch", "-"], stdin=(
+            f"addr add {lease.gateway}/{prefix} dev {lease.veth}\n"
+            f"link set {lease.veth} up\n"))
+        rest.append((host, "ip"))
     except BaseException:
         for p, _ in rest:
             p.kill()
@@ -139,12 +152,9 @@ def _begin(lease: Lease, uid: int) -> Callable[[], None]:
         try:
             for p, tool in rest:
                 finish(p, tool)
-            run(["ip", "-batch", "-"], netns=lease.netns, tool="ip", stdin=(
-                f"addr add {lease.ip}/{prefix} dev {NS_VETH}\n"
-                f"link set {NS_VETH} up\n"
-                f"route add default via {lease.gateway}\n"))
-            # vmfork's namespace: forward the guests' traffic; let 127.0.0.1 reach published ports
-            for key in (f"net/ipv4/conf/{lease.veth}/route_localnet", "net/ipv4/ip_forward"):
+            # vmfork's namespace: forward the guests' traffic; let 127.0.0.1 reach published
+            # ports (route_localnet is set last: it marks the namespace complete, see _exists)
+            for key in ("net/ipv4/ip_forward", f"net/ipv4/conf/{lease.veth}/route_localnet"):
                 with open(f"/proc/sys/{key}", "r+") as f:
                     if f.read().strip() != "1":
                         f.seek(0)
@@ -178,7 +188,7 @@ def begin(data_dir: Path, iid: str, spec: NetSpec, uid: int | None) -> tuple[Lea
         if _exists(lease):
             return lease, _nothing
         try:
-            _teardown(lease)
+            _teardown(lease, table=False)  # a half-made one (crash, reboot): made anew
             complete = _begin(lease, 0 if uid is None else uid)
         except BaseException:
             _teardown(lease)
