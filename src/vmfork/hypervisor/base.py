@@ -49,6 +49,9 @@ class VMConfig:
     id: str = ""  # the instance's id (names the VMM process); set anew for a fork
     cid: int = 0  # the guest's vsock context id (Firecracker)
     mac: str = ""  # the guest NIC's MAC address (none yet)
+    # An OCI image guest: the image's read-only root filesystem (one more disk) and its digest
+    oci_rootfs: str = ""
+    oci_digest: str = ""
     # Written by the backend into a snapshot's config: the VMM's snapshot data format version
     # and the kind of snapshot (Firecracker: "Full" or "Diff").
     snapshot_version: str = ""

@@ -111,6 +111,9 @@ class QemuHypervisor(Hypervisor):
             "-drive", "file=disk.raw,format=raw,if=none,id=data,discard=unmap",
             "-device", "virtio-blk-device,drive=data",
         ]
+        if cfg.oci_rootfs:  # an OCI image's root filesystem, shared read-only by its instances
+            args += ["-drive", f"file={cfg.oci_rootfs},format=raw,if=none,id=image,readonly=on",
+                     "-device", "virtio-blk-device,drive=image"]
         if incoming:  # paused after the load (-S), until 'cont'
             args += ["-S", "-incoming", "defer"]
         return args

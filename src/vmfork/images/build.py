@@ -27,7 +27,8 @@ from vmfork.util import sha256_file
 RECIPE_VERSION = 3
 
 GUEST_DIR = Path(__file__).resolve().parent / "guest"
-GUEST_FILES = ("init", "rc.boot", "inittab", "passwd", "group", "profile", "agent.c")
+GUEST_FILES = ("init", "rc.boot", "inittab", "passwd", "group", "profile", "agent.c", "vmfork-run.c",
+               "vmfork-main")
 BUSYBOX = Path("/bin/busybox")
 BUSYBOX_PACKAGE = "busybox-static"
 
@@ -280,9 +281,9 @@ def check_kernel_config(config: dict[str, str], kver: str) -> None:
 # --------------------------------------------------------------------- agent
 
 
-def compile_agent(out: Path) -> str:
-    """Compile the guest agent statically; returns the compiler used."""
-    src = GUEST_DIR / "agent.c"
+def compile_agent(out: Path, source: str = "agent.c") -> str:
+    """Compile the guest agent (or another guest program) statically; returns the compiler used."""
+    src = GUEST_DIR / source
     flags = ["-static", "-Os", "-s", "-Wall", "-Wextra", "-o", str(out), str(src)]
     for cc in ("musl-gcc", "gcc"):
         if shutil.which(cc) is None:
@@ -346,6 +347,10 @@ def _stage_rootfs(root: Path, busybox: Path, applets: list[str], agent: Path) ->
         os.symlink("/bin/busybox", link)
     shutil.copyfile(agent, root / "sbin/vmfork-agent")
     os.chmod(root / "sbin/vmfork-agent", 0o755)
+    # OCI images (vmfork run --image): the main process's starter, chroot helper beside the agent
+    compile_agent(root / "sbin/vmfork-run", "vmfork-run.c")
+    shutil.copyfile(GUEST_DIR / "vmfork-main", root / "sbin/vmfork-main")
+    os.chmod(root / "sbin/vmfork-main", 0o755)
     for name, mode in (("inittab", 0o644), ("rc.boot", 0o755), ("passwd", 0o644),
                        ("group", 0o644), ("profile", 0o644)):
         shutil.copyfile(GUEST_DIR / name, root / "etc" / name)

@@ -48,6 +48,9 @@ class Instance:
     # own), and the resource limits asked for at creation (forks keep their source's).
     uid: int | None = None
     limits: dict[str, Any] | None = None
+    # An OCI image guest (vmfork run --image): the image (ref, digest, fs) and its main
+    # process as resolved at run (argv, env, workdir, uid, gid, gids). Forks keep it.
+    oci: dict[str, Any] | None = None
     dir: Path = field(default=Path("."), compare=False)
     # Not stored: why this instance cannot be used (unreadable metadata), if it cannot.
     problem: str | None = field(default=None, compare=False)
