@@ -73,29 +73,33 @@ def register(cli: Any) -> None:
     json_opt: Deco = cli.json_opt
     out, _emit, _clean = cli.out, cli._emit, cli._clean
 
+    fs_opt = click.option("--fs", type=click.Choice(["ext4", "erofs"]), default="ext4", show_default=True,
+                          help="The root filesystem format (ext4 measured best here: docs/images.md).")
     image: click.Group = cli.image  # 'build' and 'ls' are cli.py's (built-in and OCI images)
 
     @image.command("pull")
     @click.argument("ref")
     @click.option("--insecure", is_flag=True, help="Allow plain HTTP / unverified TLS for this registry "
                   "(always allowed for localhost and 127.0.0.1).")
+    @fs_opt
     @json_opt
     @pass_ctx
-    def image_pull(c: Ctx, ref: str, insecure: bool, as_json: bool) -> None:
+    def image_pull(c: Ctx, ref: str, insecure: bool, fs: str, as_json: bool) -> None:
         """Pull REF (e.g. 127.0.0.1:5000/app:1) for linux/amd64. Credentials come from
         REGISTRY_AUTH_FILE, ~/.docker/config.json or containers' auth.json."""
         t0 = time.monotonic()
-        _done(c, as_json, c.mgr.oci_store().pull(ref, insecure=insecure), t0)
+        _done(c, as_json, c.mgr.oci_store().pull(ref, insecure=insecure, fmt=fs), t0)
 
     @image.command("import")
     @click.argument("source")
     @click.option("--tag", default=None, help="The name to give it (e.g. myapp:1).")
+    @fs_opt
     @json_opt
     @pass_ctx
-    def image_import(c: Ctx, source: str, tag: str | None, as_json: bool) -> None:
+    def image_import(c: Ctx, source: str, tag: str | None, fs: str, as_json: bool) -> None:
         """Import a local image: oci-archive:FILE, oci:DIR[:TAG] or docker-archive:FILE."""
         t0 = time.monotonic()
-        _done(c, as_json, c.mgr.oci_store().import_(source, tag), t0)
+        _done(c, as_json, c.mgr.oci_store().import_(source, tag, fmt=fs), t0)
 
     @image.command("rm")
     @click.argument("ref")

@@ -13,7 +13,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from vmfork.errors import ImageError
@@ -57,6 +57,9 @@ MODULES: tuple[tuple[str, str], ...] = (
     ("vmw_vsock_virtio_transport_common", "CONFIG_VIRTIO_VSOCKETS_COMMON"),
     ("vmw_vsock_virtio_transport", "CONFIG_VIRTIO_VSOCKETS"),
 )
+# Shipped in the initramfs but loaded only when asked for (lib/modules/<name>.order, with
+# their dependencies): erofs, for an OCI image root in that format (vmfork.image=erofs).
+LAZY_MODULES: tuple[tuple[str, str], ...] = (("erofs", "CONFIG_EROFS_FS"),)
 # Must be built in (=y): the initramfs and /dev depend on them.
 REQUIRED_BUILTIN = ("CONFIG_BLK_DEV_INITRD", "CONFIG_DEVTMPFS", "CONFIG_PVH")
 
@@ -222,6 +225,7 @@ class ModuleSet:
     order: list[str]  # load order
     files: dict[str, bytes]  # name -> uncompressed .ko
     builtin: list[str]
+    lazy: dict[str, list[str]] = field(default_factory=dict)  # LAZY_MODULES: name -> load order
 
 
 def collect_modules(modroot: Path, config: dict[str, str]) -> ModuleSet:
@@ -269,7 +273,13 @@ def collect_modules(modroot: Path, config: dict[str, str]) -> ModuleSet:
 
     for name, symbol in MODULES:
         visit(name, symbol, None)
-    return ModuleSet(order, files, builtins)
+    boot = list(order)
+    lazy: dict[str, list[str]] = {}
+    for name, symbol in LAZY_MODULES:
+        n = len(order)
+        visit(name, symbol, None)
+        lazy[name] = order[n:]
+    return ModuleSet(boot, files, builtins, lazy)
 
 
 def check_kernel_config(config: dict[str, str], kver: str) -> None:
@@ -315,9 +325,11 @@ def build_initramfs(
         if applet != "bin/busybox":
             arc.add_symlink(applet, "/bin/busybox")
     arc.add_file("init", (GUEST_DIR / "init").read_bytes(), 0o755)
-    for name in modules.order:
+    for name in modules.order + [m for lazy in modules.lazy.values() for m in lazy]:
         arc.add_file(f"lib/modules/{name}.ko", modules.files[name], 0o644)
     arc.add_file("lib/modules/load-order", "".join(f"{m}\n" for m in modules.order).encode())
+    for name, lazy in modules.lazy.items():
+        arc.add_file(f"lib/modules/{name}.order", "".join(f"{m}\n" for m in lazy).encode())
     with open(out, "wb") as f:
         return arc.write(f)
 
@@ -500,6 +512,7 @@ def build_into(dest: Path, inputs: Inputs, progress: Progress = _noop) -> dict[s
         "guest_files": inputs.local.guest_files,
         "agent_compiler": compiler,
         "modules": modules.order,
+        "modules_lazy": modules.lazy,
         "modules_builtin": modules.builtin,
         "labels": {"root": ROOT_LABEL, "data": DATA_LABEL},
         "files": files,

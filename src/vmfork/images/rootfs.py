@@ -46,7 +46,7 @@ def make_ext4(tree: Path, out: Path) -> None:
 
 
 def make_erofs(tree: Path, out: Path, compress: str | None = None) -> None:
-    run_tool(["mkfs.erofs", "-L", LABEL, *([f"-z{compress}"] if compress else []), str(out), str(tree)],
+    run_tool(["mkfs.erofs", *([f"-z{compress}"] if compress else []), str(out), str(tree)],
              "mkfs.erofs (image root filesystem)")
 
 

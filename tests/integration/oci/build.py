@@ -76,7 +76,7 @@ class Layer:
 
     def __init__(self) -> None:
         self.buf = io.BytesIO()
-        self.tar = tarfile.open(fileobj=self.buf, mode="w", format=tarfile.PAX_FORMAT)
+        self.tar = tarfile.open(fileobj=self.buf, mode="w", format=tarfile.PAX_FORMAT)  # noqa: SIM115 (closed by write)
 
     def _add(self, info: tarfile.TarInfo, data: bytes | None = None) -> Layer:
         info.mtime = 1_700_000_000
