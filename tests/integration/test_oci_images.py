@@ -159,6 +159,12 @@ def _oci_dir(cli: CLI) -> Path:
     return cli.data_dir / "images" / "oci"
 
 
+def _oci_entries(cli: CLI) -> list[str]:
+    """What the OCI store holds: images, refs, temp dirs (not its lock file)."""
+    d = _oci_dir(cli)
+    return sorted(p.name for p in d.iterdir() if p.name != ".lock") if d.is_dir() else []
+
+
 @pytest.mark.parametrize(("case", "pattern"), [
     ("unknown-tag", r"manifest unknown|not found"),
     ("unknown-repo", r"manifest unknown|name unknown"),
@@ -176,14 +182,13 @@ def test_bad_input_one_line_nothing_left(built: CLI, reg: dict[str, str], case: 
         "registry-down": f"127.0.0.1:{ob.free_port()}/test/layers:v1",
         "bad-ref": "UPPER//case::",
     }.get(case) or reg[case]
-    before = sorted(p.name for p in _oci_dir(built).iterdir()) if _oci_dir(built).is_dir() else []
+    before = _oci_entries(built)
     r = built("image", "pull", ref, check=False)
     err = r.stderr.decode(errors="replace").strip()
     assert r.returncode != 0, err
     assert len(err.splitlines()) == 1, err
     assert re.search(pattern, err, re.I), err
-    after = sorted(p.name for p in _oci_dir(built).iterdir()) if _oci_dir(built).is_dir() else []
-    assert after == before  # no partial image, no temp dir, no new ref file
+    assert _oci_entries(built) == before  # no partial image, no temp dir, no new ref file
     if (_oci_dir(built) / "refs.json").exists():
         assert ref not in json.loads((_oci_dir(built) / "refs.json").read_text())
 
