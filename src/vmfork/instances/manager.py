@@ -935,6 +935,7 @@ class Manager:
                     created_at=_now(), mac=new_mac(), cid=self._free_cid(), parent_id=src.id,
                     parent_name=src.name, identity_applied=False, pending=pending, dir=tmp,
                     limits=src.limits,  # resource limits, not credentials: the fork gets its own uid
+                    oci=src.oci,  # its image and main process (which runs on in the fork)
                 )
                 fork.g.ensure_dirs()
                 util.atomic_write_json(fork.g.metadata, fork.to_json(), durable=False)
