@@ -76,5 +76,5 @@ def parse_state(text: str) -> dict[str, Any]:
         state = "not started" if not state else "unknown"
     pid = vals.get("pid", "")
     code = vals.get("exit", "")
-    return {"state": state, "pid": int(pid) if pid.isdigit() else None,
+    return {"state": state, "pid": int(pid) if pid.isdigit() and len(pid) <= 10 else None,
             "exit_code": int(code) if code.isdigit() and len(code) < 4 else None}

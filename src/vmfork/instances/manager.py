@@ -205,6 +205,7 @@ class Manager:
                 if free:
                     actions += self._recover_guest(Instance.load(d))
         actions += snapshot_ops.recover(self)
+        actions += self.oci_store().recover()  # an interrupted image pull's temp dir
         self._kill_orphan_vmms(actions)
         self._remove_stale_locks(actions)
         actions += confine.clean(self.dd.root, {d.name.split("-", 1)[-1] for d in self.dd.guests.iterdir()})
