@@ -3,9 +3,11 @@ state lines (untrusted: bounded) and skopeo's error text."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from vmfork.errors import InvalidArgument
+from vmfork.errors import ImageError, InvalidArgument
 from vmfork.images import main as image_main
 from vmfork.images import oci
 
@@ -95,3 +97,42 @@ def test_skopeo_message_is_its_own_words_on_one_line() -> None:
     assert oci._skopeo_message(err) == ("initializing source docker://h/x:1: reading manifest 1 in h/x: "
                                         "manifest unknown: manifest unknown")
     assert oci._skopeo_message("line one\nline two\n") == "line one | line two"
+
+
+def _rootfs(tmp_path: Path) -> Path:
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc/passwd").write_text("root:x:0:0::/root:/bin/sh\napp:x:1234:2345::/home/app:/bin/sh\n")
+    (tmp_path / "etc/group").write_text("root:x:0:\napp:x:2345:\nextra:x:3456:other,app\nstaff:x:50:\n")
+    return tmp_path
+
+
+@pytest.mark.parametrize(("user", "want"), [
+    ("", {"uid": 0, "gid": 0, "gids": [], "home": "/"}),
+    ("app", {"uid": 1234, "gid": 2345, "gids": [3456], "home": "/home/app"}),
+    ("1234", {"uid": 1234, "gid": 2345, "gids": [3456], "home": "/home/app"}),
+    ("app:staff", {"uid": 1234, "gid": 50, "gids": [2345, 3456], "home": "/home/app"}),
+    ("777:888", {"uid": 777, "gid": 888, "gids": [], "home": "/"}),
+])
+def test_resolve_user_from_the_images_files(tmp_path: Path, user: str, want: dict[str, object]) -> None:
+    got = oci.resolve_user(_rootfs(tmp_path), user)
+    if user == "app:staff":  # the primary group from passwd is a supplementary one then
+        want = want | {"gids": [3456]}
+    assert got == want
+
+
+def test_resolve_user_unknown_names_fail(tmp_path: Path) -> None:
+    root = _rootfs(tmp_path)
+    with pytest.raises(ImageError, match="no user 'nobody'"):
+        oci.resolve_user(root, "nobody")
+    with pytest.raises(ImageError, match="no group 'wheel'"):
+        oci.resolve_user(root, "app:wheel")
+
+
+def test_resolve_user_never_reads_a_file_outside_the_image(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    outside = tmp_path / "host-passwd"
+    outside.write_text("app:x:4242:4242::/:/bin/sh\n")
+    (root / "etc/passwd").symlink_to(outside)  # an image's absolute symlink must not reach the host
+    with pytest.raises(ImageError, match="no user 'app'"):
+        oci.resolve_user(root, "app")

@@ -173,40 +173,71 @@ def read_layout(layout: Path) -> LayoutImage:
     return LayoutImage(str(desc["digest"]), manifest, config)
 
 
-def unpack(layout: Path, bundle: Path, progress: Progress) -> dict[str, Any]:
-    """umoci unpack (layers in order, whiteouts applied); returns the runtime spec's process
-    (with ``user`` resolved against the image's /etc/passwd and /etc/group)."""
+def unpack(layout: Path, rootfs: Path, progress: Progress) -> None:
+    """umoci raw unpack: the layers in order, whiteouts and opaque dirs applied as an OCI
+    runtime does (no mtree, no runtime config: the user is resolved by ``resolve_user``)."""
     progress("umoci: unpacking the layers")
-    _run_streaming(["umoci", "unpack", "--image", f"{layout}:{LAYOUT_TAG}", str(bundle)], "umoci",
+    _run_streaming(["umoci", "raw", "unpack", "--image", f"{layout}:{LAYOUT_TAG}", str(rootfs)], "umoci",
                    lambda _m: None)
-    try:
-        spec = json.loads((bundle / "config.json").read_text())
-        process = spec["process"]
-        assert isinstance(process, dict)
-        return process
-    except (OSError, ValueError, KeyError, AssertionError) as e:
-        raise ImageError(f"umoci wrote no usable runtime config: {e}") from None
 
 
-def run_spec(image_config: dict[str, Any], process: dict[str, Any]) -> dict[str, Any]:
+def _image_file(rootfs: Path, rel: str) -> list[list[str]]:
+    """The colon-separated lines of a file of the image (not one a symlink leads out of it)."""
+    path = rootfs / rel
+    root = os.path.realpath(rootfs)
+    real = os.path.realpath(path)
+    if not real.startswith(root + os.sep) or not os.path.isfile(real):
+        return []
+    with open(real, errors="replace") as f:
+        return [line.rstrip("\n").split(":") for line in f.read(1 << 20).splitlines() if line and line[0] != "#"]
+
+
+def resolve_user(rootfs: Path, user: str) -> dict[str, Any]:
+    """``User`` (name, uid, name:group, uid:gid, ...) against the image's /etc/passwd and
+    /etc/group, as runc does: {uid, gid, gids (supplementary), home}."""
+    name, _, group = user.partition(":")
+    passwd = [x for x in _image_file(rootfs, "etc/passwd") if len(x) >= 7]
+    groups = [x for x in _image_file(rootfs, "etc/group") if len(x) >= 4]
+    uid, gid, home, login = 0, 0, "/", ""
+    if name:
+        row = next((x for x in passwd if x[0] == name or (name.isdigit() and x[2] == name)), None)
+        if row is not None:
+            login, home = row[0], row[5] or "/"
+            uid, gid = int(row[2]) if row[2].isdigit() else 0, int(row[3]) if row[3].isdigit() else 0
+        elif name.isdigit():
+            uid = int(name)
+        else:
+            raise ImageError(f"the image's User {user!r}: no user {name!r} in its /etc/passwd")
+    if group:
+        if group.isdigit():
+            gid = int(group)
+        else:
+            grow = next((x for x in groups if x[0] == group), None)
+            if grow is None or not grow[2].isdigit():
+                raise ImageError(f"the image's User {user!r}: no group {group!r} in its /etc/group")
+            gid = int(grow[2])
+    gids = sorted({int(x[2]) for x in groups if login and x[2].isdigit() and login in x[3].split(",")} - {gid})
+    return {"uid": uid, "gid": gid, "gids": gids, "home": home}
+
+
+def run_spec(image_config: dict[str, Any], rootfs: Path) -> dict[str, Any]:
     """What the guest needs to start the main process: Entrypoint, Cmd, Env, WorkingDir, User
-    (as written, and resolved to numbers by umoci)."""
+    (as written, and resolved to numbers against the image's own files)."""
     c = image_config.get("config") or {}
     env = [str(x) for x in (c.get("Env") or [])]
     names = {e.split("=", 1)[0] for e in env}
     if "PATH" not in names:
         env.insert(0, "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
-    for e in process.get("env") or []:
-        if str(e).startswith("HOME=") and "HOME" not in names:
-            env.append(str(e))
-    user = process.get("user") or {}
+    user = resolve_user(rootfs, str(c.get("User") or ""))
+    if "HOME" not in names:
+        env.append(f"HOME={user['home']}")
     return {
         "entrypoint": [str(x) for x in (c.get("Entrypoint") or [])],
         "cmd": [str(x) for x in (c.get("Cmd") or [])],
         "env": env,
         "workdir": str(c.get("WorkingDir") or "/"),
         "user": str(c.get("User") or ""),
-        "uid": int(user.get("uid", 0)),
-        "gid": int(user.get("gid", 0)),
-        "gids": [int(g) for g in (user.get("additionalGids") or [])],
+        "uid": user["uid"],
+        "gid": user["gid"],
+        "gids": user["gids"],
     }

@@ -189,9 +189,12 @@ class Store:
                         shutil.rmtree(final)  # not loadable: incomplete, rebuild it
                     out = tmp / "image"
                     out.mkdir()
-                    process = oci.unpack(layout, tmp / "bundle", self.progress)
+                    t_unpack = time.monotonic()
+                    oci.unpack(layout, tmp / "rootfs", self.progress)
+                    spec = oci.run_spec(img.config, tmp / "rootfs")
+                    unpack_s = time.monotonic() - t_unpack
                     self.progress(f"converting to a read-only {fmt} root filesystem")
-                    convert_s = rootfs_mod.convert(tmp / "bundle" / "rootfs", out / ROOTFS, fmt)
+                    convert_s = rootfs_mod.convert(tmp / "rootfs", out / ROOTFS, fmt)
                     fsync_file(out / ROOTFS)
                     meta = {
                         "format": 1, "digest": img.manifest_digest, "fs": fmt,
@@ -200,11 +203,11 @@ class Store:
                         "compressed_size": img.size,
                         "rootfs_bytes": (out / ROOTFS).stat().st_size,
                         "rootfs_allocated_bytes": (out / ROOTFS).stat().st_blocks * 512,
-                        "spec": oci.run_spec(img.config, process),
+                        "spec": spec,
                         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                         "image_created": str(img.config.get("created", "")),
                         "source": src, "pull_seconds": round(pulled_s, 2),
-                        "convert_seconds": round(convert_s, 2),
+                        "unpack_seconds": round(unpack_s, 2), "convert_seconds": round(convert_s, 2),
                     }
                     atomic_write_json(out / META, meta)
                     os.chmod(out, 0o755)
