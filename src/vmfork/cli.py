@@ -127,8 +127,14 @@ pass_ctx = click.make_pass_decorator(Ctx)
 
 
 # --- lifecycle ------------------------------------------------------------------------------
-@main.command()
+@main.command(context_settings={"ignore_unknown_options": False})
 @click.argument("name")
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@click.option("--image", default=None, help="An OCI image (ref or digest; pulled if absent): run its "
+              "Entrypoint/Cmd as the main process. ARGS after '--' replace its Cmd.")
+@click.option("-e", "--env", "envs", multiple=True, help="With --image: KEY=VALUE for the main process.")
+@click.option("-w", "--workdir", default=None, help="With --image: the main process's working directory.")
+@click.option("--entrypoint", default=None, help="With --image: replace the image's Entrypoint (and its Cmd).")
 @click.option("--memory", default="256M", show_default=True, help="Guest RAM (e.g. 256M, 2G).")
 @click.option("--vcpus", default=1, show_default=True, type=int, help="Virtual CPUs.")
 @click.option("--hypervisor", default="qemu", show_default=True, help="qemu or firecracker.")
@@ -147,12 +153,18 @@ pass_ctx = click.make_pass_decorator(Ctx)
 @overcommit_opt
 @json_opt
 @pass_ctx
-def run(c: Ctx, name: str, memory: str, vcpus: int, hypervisor: str, accel: str, cpus: float | None,
-        memory_limit: str | None, pids_limit: int | None, io_weight: int | None, net_mode: str | None,
-        publish: tuple[str, ...], egress: str, allow_nets: tuple[str, ...], subnet: str | None, overcommit: bool,
-        as_json: bool) -> None:
-    """Create instance NAME and boot it; returns once its guest agent answers."""
+def run(c: Ctx, name: str, args: tuple[str, ...], image: str | None, envs: tuple[str, ...],
+        workdir: str | None, entrypoint: str | None, memory: str, vcpus: int, hypervisor: str, accel: str,
+        cpus: float | None, memory_limit: str | None, pids_limit: int | None, io_weight: int | None,
+        net_mode: str | None, publish: tuple[str, ...], egress: str, allow_nets: tuple[str, ...],
+        subnet: str | None, overcommit: bool, as_json: bool) -> None:
+    """Create instance NAME and boot it; returns once its guest agent answers.
+
+    Usage: vmfork run NAME [--image REF [-e K=V]... [-w DIR] [--entrypoint CMD]] [-- ARG...]
+    """
     util.validate_name(name)
+    if image is None and (args or envs or workdir or entrypoint is not None):
+        raise InvalidArgument("-e, -w, --entrypoint and ARGS go with --image REF")
     from vmfork.network.spec import build as net_spec
 
     if net_mode is None:  # asking for ports or a policy asks for a network
@@ -162,8 +174,10 @@ def run(c: Ctx, name: str, memory: str, vcpus: int, hypervisor: str, accel: str,
     limits = {"cpus": cpus, "pids": pids_limit, "io_weight": io_weight,
               "memory_limit_mib": util.parse_size(memory_limit, "memory limit") >> 20 if memory_limit else None}
     t0 = time.monotonic()
+    main_ = {"env": list(envs), "workdir": workdir, "entrypoint": entrypoint, "args": list(args) or None}
     inst = c.mgr.run(name, memory_mib=memory_mib, vcpus=vcpus, hypervisor=hypervisor, accel=accel, limits=limits,
-                     overcommit=overcommit, network=network)
+                     overcommit=overcommit, network=network,
+                     **({"oci_image": image, "main": main_} if image is not None else {}))
     secs = time.monotonic() - t0
     d = c.mgr.describe(inst) | {"seconds": round(secs, 3)}
     _emit(as_json, d, lambda: out.print(f"{inst.name} ({inst.id}) running, {inst.accel}, ready in {secs:.2f}s"))
@@ -338,9 +352,11 @@ MAX_TIMEOUT_S = 0xFFFFFFFF // 1000  # the agent protocol carries milliseconds in
 @click.option("-e", "--env", "envs", multiple=True, help="KEY=VALUE for the command's environment.")
 @click.option("-w", "--workdir", default=None, help="Working directory in the guest.")
 @click.option("-i", "--stdin", "use_stdin", is_flag=True, help="Send this process's stdin to the command.")
+@click.option("--system", is_flag=True, help="An image instance: run in vmfork's own guest system, "
+              "not in the image's root.")
 @pass_ctx
 def exec_(c: Ctx, name: str, command: tuple[str, ...], timeout: float | None, envs: tuple[str, ...],
-          workdir: str | None, use_stdin: bool) -> None:
+          workdir: str | None, use_stdin: bool, system: bool) -> None:
     """Run COMMAND in NAME's guest: relays stdout/stderr, exits with its exit code.
 
     Usage: vmfork exec NAME -- CMD [ARGS...]
@@ -365,7 +381,7 @@ def exec_(c: Ctx, name: str, command: tuple[str, ...], timeout: float | None, en
         return write
 
     r = c.mgr.exec(name, argv, stdin=data, timeout=timeout, env=env or None, cwd=workdir,
-                   on_stdout=relay(sys.stdout), on_stderr=relay(sys.stderr))
+                   on_stdout=relay(sys.stdout), on_stderr=relay(sys.stderr), in_image=not system)
     if r.timed_out:
         err.print(_clean(f"vmfork: '{' '.join(argv)}' timed out after {timeout}s in '{name}'"))
     sys.exit(r.exit_code)
@@ -440,16 +456,30 @@ def doctor(c: Ctx, as_json: bool) -> None:
 
 @main.group()
 def image() -> None:
-    """Guest images (built locally from Debian packages)."""
+    """Guest images: the built-in one (built locally from Debian packages) and OCI images
+    (pulled from a registry, imported or built: pull, import, build debian, ls, rm)."""
 
 
 @image.command("build")
+@click.argument("distro", required=False, type=click.Choice(["debian"]))
+@click.option("--package", "packages", multiple=True, help="debian: a package to install (repeatable).")
+@click.option("--tag", default=None, help="debian: the name to give the image (e.g. debian-python:12).")
+@click.option("--suite", default=None, help="debian: the suite [default: the host's].")
 @json_opt
 @pass_ctx
-def image_build(c: Ctx, as_json: bool) -> None:
-    """Build the default guest image (kernel, initramfs, rootfs, agent) if not built yet."""
+def image_build(c: Ctx, distro: str | None, packages: tuple[str, ...], tag: str | None, suite: str | None,
+                as_json: bool) -> None:
+    """Build the default guest image (kernel, initramfs, rootfs, agent) if not built yet; or,
+    with 'debian', an OCI image of a minbase Debian with --package ... (debootstrap from the
+    host's apt mirror, then umoci; cached in ~/.cache/vmfork), imported as --tag."""
     from vmfork.images import ensure_image
 
+    if distro is not None:
+        from vmfork.image_cli import build_debian
+
+        return build_debian(c, list(packages), tag, suite, as_json)
+    if packages or tag or suite:
+        raise InvalidArgument("--package, --tag and --suite go with 'vmfork image build debian'")
     t0 = time.monotonic()
     img = ensure_image(DataDir(c.data_dir).ensure().images, c.progress)
     secs = time.monotonic() - t0
@@ -461,16 +491,22 @@ def image_build(c: Ctx, as_json: bool) -> None:
 @json_opt
 @pass_ctx
 def image_ls(c: Ctx, as_json: bool) -> None:
-    """List built images, newest first."""
+    """List the built-in guest images (newest first), then the OCI images: refs, digest,
+    size, created and the instances using each."""
     from vmfork.images import list_images
 
     images = DataDir(c.data_dir).images
     rows = [{"digest": i.digest, "dir": str(i.dir), "kernel_version": i.kernel_version}
             for i in (list_images(images) if c.data_dir_exists() and images.exists() else [])]
+    from vmfork.image_cli import oci_rows, oci_table
+
+    rows += oci_rows(c)  # OCI images: "kind": "oci", refs, digest, size, created, used_by
 
     def human() -> None:
         for r in rows:
-            out.print(_clean(f"{r['digest'][:16]}  {r['kernel_version']}  {r['dir']}"))
+            if "kernel_version" in r:
+                out.print(_clean(f"{r['digest'][:16]}  {r['kernel_version']}  {r['dir']}"))
+        oci_table(c, [r for r in rows if r.get("kind") == "oci"])
 
     _emit(as_json, rows, human)
 
@@ -489,6 +525,10 @@ def demo(c: Ctx, memory: str, keep: bool) -> None:
 from vmfork.snapshot_cli import register  # noqa: E402
 
 register(sys.modules[__name__])  # 'snapshot ...', 'tree', 'df'
+
+from vmfork.image_cli import register as register_images  # noqa: E402
+
+register_images(sys.modules[__name__])  # 'image ...'
 
 if __name__ == "__main__":
     main()

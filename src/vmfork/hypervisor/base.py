@@ -53,6 +53,9 @@ class VMConfig:
     # namespace the VMM runs in (it holds the TAP; the same TAP name in every namespace).
     tap: str = ""
     netns: str = ""
+    # An OCI image guest: the image's read-only root filesystem (one more disk) and its digest
+    oci_rootfs: str = ""
+    oci_digest: str = ""
     # Written by the backend into a snapshot's config: the VMM's snapshot data format version
     # and the kind of snapshot (Firecracker: "Full" or "Diff").
     snapshot_version: str = ""

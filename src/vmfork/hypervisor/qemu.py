@@ -114,6 +114,9 @@ class QemuHypervisor(Hypervisor):
         if cfg.tap:  # the TAP is in the namespace QEMU runs in (vmfork.network)
             args += ["-netdev", f"tap,id=net0,ifname={cfg.tap},script=no,downscript=no",
                      "-device", f"virtio-net-device,netdev=net0,mac={cfg.mac}"]
+        if cfg.oci_rootfs:  # an OCI image's root filesystem, shared read-only by its instances
+            args += ["-drive", f"file={cfg.oci_rootfs},format=raw,if=none,id=image,readonly=on",
+                     "-device", "virtio-blk-device,drive=image"]
         if incoming:  # paused after the load (-S), until 'cont'
             args += ["-S", "-incoming", "defer"]
         return args

@@ -13,7 +13,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from vmfork.errors import ImageError
@@ -27,7 +27,8 @@ from vmfork.util import sha256_file
 RECIPE_VERSION = 3
 
 GUEST_DIR = Path(__file__).resolve().parent / "guest"
-GUEST_FILES = ("init", "rc.boot", "inittab", "passwd", "group", "profile", "agent.c")
+GUEST_FILES = ("init", "rc.boot", "inittab", "passwd", "group", "profile", "agent.c", "vmfork-run.c",
+               "vmfork-main")
 BUSYBOX = Path("/bin/busybox")
 BUSYBOX_PACKAGE = "busybox-static"
 
@@ -57,6 +58,9 @@ MODULES: tuple[tuple[str, str], ...] = (
     ("vmw_vsock_virtio_transport_common", "CONFIG_VIRTIO_VSOCKETS_COMMON"),
     ("vmw_vsock_virtio_transport", "CONFIG_VIRTIO_VSOCKETS"),
 )
+# Shipped in the initramfs but loaded only when asked for (lib/modules/<name>.order, with
+# their dependencies): erofs, for an OCI image root in that format (vmfork.image=erofs).
+LAZY_MODULES: tuple[tuple[str, str], ...] = (("erofs", "CONFIG_EROFS_FS"),)
 # Must be built in (=y): the initramfs and /dev depend on them.
 REQUIRED_BUILTIN = ("CONFIG_BLK_DEV_INITRD", "CONFIG_DEVTMPFS", "CONFIG_PVH")
 
@@ -222,6 +226,7 @@ class ModuleSet:
     order: list[str]  # load order
     files: dict[str, bytes]  # name -> uncompressed .ko
     builtin: list[str]
+    lazy: dict[str, list[str]] = field(default_factory=dict)  # LAZY_MODULES: name -> load order
 
 
 def collect_modules(modroot: Path, config: dict[str, str]) -> ModuleSet:
@@ -269,7 +274,13 @@ def collect_modules(modroot: Path, config: dict[str, str]) -> ModuleSet:
 
     for name, symbol in MODULES:
         visit(name, symbol, None)
-    return ModuleSet(order, files, builtins)
+    boot = list(order)
+    lazy: dict[str, list[str]] = {}
+    for name, symbol in LAZY_MODULES:
+        n = len(order)
+        visit(name, symbol, None)
+        lazy[name] = order[n:]
+    return ModuleSet(boot, files, builtins, lazy)
 
 
 def check_kernel_config(config: dict[str, str], kver: str) -> None:
@@ -281,9 +292,9 @@ def check_kernel_config(config: dict[str, str], kver: str) -> None:
 # --------------------------------------------------------------------- agent
 
 
-def compile_agent(out: Path) -> str:
-    """Compile the guest agent statically; returns the compiler used."""
-    src = GUEST_DIR / "agent.c"
+def compile_agent(out: Path, source: str = "agent.c") -> str:
+    """Compile the guest agent (or another guest program) statically; returns the compiler used."""
+    src = GUEST_DIR / source
     flags = ["-static", "-Os", "-s", "-Wall", "-Wextra", "-o", str(out), str(src)]
     for cc in ("musl-gcc", "gcc"):
         if shutil.which(cc) is None:
@@ -315,9 +326,11 @@ def build_initramfs(
         if applet != "bin/busybox":
             arc.add_symlink(applet, "/bin/busybox")
     arc.add_file("init", (GUEST_DIR / "init").read_bytes(), 0o755)
-    for name in modules.order:
+    for name in modules.order + [m for lazy in modules.lazy.values() for m in lazy]:
         arc.add_file(f"lib/modules/{name}.ko", modules.files[name], 0o644)
     arc.add_file("lib/modules/load-order", "".join(f"{m}\n" for m in modules.order).encode())
+    for name, lazy in modules.lazy.items():
+        arc.add_file(f"lib/modules/{name}.order", "".join(f"{m}\n" for m in lazy).encode())
     with open(out, "wb") as f:
         return arc.write(f)
 
@@ -347,6 +360,10 @@ def _stage_rootfs(root: Path, busybox: Path, applets: list[str], agent: Path) ->
         os.symlink("/bin/busybox", link)
     shutil.copyfile(agent, root / "sbin/vmfork-agent")
     os.chmod(root / "sbin/vmfork-agent", 0o755)
+    # OCI images (vmfork run --image): the main process's starter, chroot helper beside the agent
+    compile_agent(root / "sbin/vmfork-run", "vmfork-run.c")
+    shutil.copyfile(GUEST_DIR / "vmfork-main", root / "sbin/vmfork-main")
+    os.chmod(root / "sbin/vmfork-main", 0o755)
     for name, mode in (("inittab", 0o644), ("rc.boot", 0o755), ("passwd", 0o644),
                        ("group", 0o644), ("profile", 0o644)):
         shutil.copyfile(GUEST_DIR / name, root / "etc" / name)
@@ -496,6 +513,7 @@ def build_into(dest: Path, inputs: Inputs, progress: Progress = _noop) -> dict[s
         "guest_files": inputs.local.guest_files,
         "agent_compiler": compiler,
         "modules": modules.order,
+        "modules_lazy": modules.lazy,
         "modules_builtin": modules.builtin,
         "labels": {"root": ROOT_LABEL, "data": DATA_LABEL},
         "files": files,

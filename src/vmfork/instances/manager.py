@@ -208,6 +208,7 @@ class Manager:
                 if free:
                     actions += self._recover_guest(Instance.load(d))
         actions += snapshot_ops.recover(self)
+        actions += self.oci_store().recover()  # an interrupted image pull's temp dir
         self._kill_orphan_vmms(actions)
         self._remove_stale_locks(actions)
         live = {d.name.split("-", 1)[-1] for d in self.dd.guests.iterdir()}
@@ -360,7 +361,11 @@ class Manager:
 
     def run(self, name: str, *, memory_mib: int = 256, vcpus: int = 1, hypervisor: str = "qemu",
             accel: str = "auto", limits: dict[str, Any] | None = None,
-            overcommit: bool = False, network: NetSpec | None = None) -> Instance:
+            overcommit: bool = False, network: NetSpec | None = None, oci_image: str | None = None,
+            main: dict[str, Any] | None = None) -> Instance:
+        """Create and boot ``name``; with ``oci_image`` (an OCI ref or digest, pulled if absent) its
+        Entrypoint/Cmd runs as the main process, ``main`` holding the overrides (env, workdir,
+        entrypoint, args: ``images.main.resolve``)."""
         util.validate_name(name)
         limits = {k: v for k, v in (limits or {}).items() if v is not None} or None
         confine.validate_limits(**{k: (limits or {}).get(k) for k in confine.LIMIT_KEYS})
@@ -373,6 +378,7 @@ class Manager:
         if problem:
             raise HypervisorError(f"hypervisor '{hypervisor}' is not usable here: {problem}")
         self._check_name_free(name)  # fail fast, before any image work
+        oci = self._oci_for_run(oci_image, hypervisor, main or {}) if oci_image is not None else None
         self._admit(f"'{name}'", hv, [ram_claim(name, memory_mib << 20, None)], overcommit=overcommit)
         image = ensure_image(self.dd.images, self.progress)
         accel_used, why = resolve_accel(hv, image, accel, self.progress)
@@ -384,7 +390,7 @@ class Manager:
                 inst = Instance(
                     id=iid, name=name, hypervisor=hypervisor, accel=accel_used, memory_mib=memory_mib,
                     vcpus=vcpus, image_digest=image.digest, created_at=_now(), mac=new_mac(),
-                    cid=self._free_cid(), pending="running", dir=tmp, limits=limits,
+                    cid=self._free_cid(), pending="running", dir=tmp, limits=limits, oci=oci,
                     network=network.to_json() if network is not None and network.enabled else None,
                 )
                 try:
@@ -400,6 +406,7 @@ class Manager:
             try:
                 self.progress(f"booting '{name}' ({hypervisor}, {accel_used}: {why})")
                 self._boot(inst, image)
+                self._start_main(inst)
                 crashpoint("run:booted")
                 self._set_metadata(inst, pending=None)
             except BaseException as e:
@@ -426,11 +433,83 @@ class Manager:
         return dst
 
     def _config(self, inst: Instance, hv: Hypervisor) -> VMConfig:
-        return VMConfig(
+        cfg = VMConfig(
             hypervisor=inst.hypervisor, memory_mib=inst.memory_mib, vcpus=inst.vcpus, accel=inst.accel,
             image_digest=inst.image_digest, cmdline=hv.kernel_cmdline(inst.accel, inst.name),
             vmm_version=hv.version(), id=inst.id, cid=inst.cid, mac=inst.mac,
         )
+        if inst.oci:  # one more disk: the OCI image's root, mounted by the guest's stage-1 init
+            im = self.oci_store().by_digest(str(inst.oci["digest"]))
+            cfg.oci_rootfs, cfg.oci_digest = str(im.rootfs), im.digest
+            cfg.cmdline += f" vmfork.image={im.fs}"
+        return cfg
+
+    # --- OCI images (vmfork run --image) --------------------------------------------------
+    def oci_store(self) -> Any:
+        from vmfork.images.store import Store
+
+        return Store(self.dd.images, self.progress)
+
+    def _oci_for_run(self, ref: str, hypervisor: str, overrides: dict[str, Any]) -> dict[str, Any]:
+        from vmfork.images import main as image_main
+
+        if hypervisor != "qemu":
+            raise InvalidArgument(f"--image is not supported with --hypervisor {hypervisor} yet: use qemu")
+        store = self.oci_store()
+        try:
+            im = store.get(ref)
+        except NotFound:
+            im = store.pull(ref)
+        return {"ref": ref, "digest": im.digest, "fs": im.fs, "main": image_main.resolve(im.spec, **overrides)}
+
+    def _guest_command(self, inst: Instance, proc: ProcRef, argv: list[str], timeout: float) -> ExecResult:
+        """Run a command of vmfork's own in the guest (through the exec mux; lock held)."""
+        hv = self.hypervisor(inst)
+        with muxctl.connect(inst.g, proc, lambda: hv.agent(inst.g, 5.0)) as conn:
+            req = conn.start_exec(argv, stdin=b"", timeout=timeout, env=None, cwd=None)
+            return conn.wait_exec(req, argv, timeout=timeout, on_stdout=None, on_stderr=None,
+                                  max_output=64 << 10)
+
+    def _start_main(self, inst: Instance) -> None:
+        """Start an image guest's main process (after a cold boot: run, start)."""
+        if not inst.oci:
+            return
+        from vmfork.images import main as image_main
+
+        proc = vmm_record(inst.g)
+        assert proc is not None
+        r = self._guest_command(inst, proc, image_main.start_argv(inst.oci["main"]), 60.0)
+        if not r.ok:
+            said = util.one_line(r.stderr[:300].decode(errors="replace").strip())
+            raise AgentError(f"'{inst.name}': the main process did not start (exit {r.exit_code}): {said}")
+
+    def main_state(self, inst: Instance) -> dict[str, Any] | None:
+        """The main process of an image guest, as its guest says (bounded, escaped)."""
+        if not inst.oci:
+            return None
+        from vmfork.images import main as image_main
+
+        st = self.status(inst)
+        if st.state != "running" or st.proc is None or read_mark(inst.g, st.proc) is not None:
+            return {"state": "unknown" if st.state == "running" else st.state, "pid": None,
+                    "exit_code": None, "argv": inst.oci["main"]["argv"]}
+        try:
+            r = self._guest_command(inst, st.proc, image_main.STATE_CMD, 10.0)
+            state = image_main.parse_state(r.stdout.decode(errors="replace"))
+        except VmforkError as e:
+            state = {"state": "unknown", "pid": None, "exit_code": None, "problem": str(e)[:200]}
+        return state | {"argv": inst.oci["main"]["argv"]}
+
+    def image_users(self, digest: str) -> list[str]:
+        """Instances and named snapshots that use the OCI image ``digest``."""
+        users = [f"instance '{i.name}'" for i in self.instances() if i.oci and i.oci.get("digest") == digest]
+        snaps = self.dd.root / "snapshots"
+        for meta in sorted(snaps.glob("*/snapshot.json")) if snaps.is_dir() else []:
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                d = json.loads(meta.read_text())
+                if (d.get("oci") or {}).get("digest") == digest:
+                    users.append(f"snapshot '{d.get('name')}'")
+        return users
 
     def _admit(self, what: str, hv: Hypervisor, new: list[Claim], *, overcommit: bool,
                replacing: tuple[str, ...] = ()) -> None:
@@ -472,8 +551,9 @@ class Manager:
             self._set_metadata(inst, uid=confine.ids.allocate(self.dd.root, inst.id))
         assert inst.uid is not None
         limits = confine.default_limits(inst.memory_mib, inst.accel, **(inst.limits or {}))
+        oci_dirs = [self.oci_store().root / str(inst.oci["digest"]).removeprefix("sha256:")] if inst.oci else []
         confine.write_plan(inst.g, data_dir=self.dd.root, iid=inst.id, uid=inst.uid, limits=limits,
-                           hypervisor=inst.hypervisor, accel=inst.accel, ro_dirs=[image.dir], tun=tun)
+                           hypervisor=inst.hypervisor, accel=inst.accel, ro_dirs=[image.dir, *oci_dirs], tun=tun)
 
     def _attach_network(self, inst: Instance, cfg: VMConfig, *, boot: bool = False) -> Callable[[], None]:
         """Give the next VMM of ``inst`` its network (vmfork.network): its own namespace and
@@ -552,6 +632,7 @@ class Manager:
             self._admit(f"'{inst.name}'", self.hypervisor(inst),
                         [ram_claim(inst.name, inst.memory_mib << 20, None)], overcommit=overcommit)
             self._boot(inst, self.image(inst.image_digest))
+            self._start_main(inst)
         return inst
 
     def stop(self, ref: str, *, force: bool = False) -> str:
@@ -616,7 +697,7 @@ class Manager:
              env: dict[str, str] | None = None, cwd: str | None = None,
              on_stdout: Callable[[bytes], None] | None = None,
              on_stderr: Callable[[bytes], None] | None = None,
-             max_output: int = MAX_BUFFERED_OUTPUT) -> ExecResult:
+             max_output: int = MAX_BUFFERED_OUTPUT, in_image: bool = True) -> ExecResult:
         """Run a command in the guest. The instance lock is held only to start it (through
         the instance's exec mux, so execs run concurrently); standby, stop and rm end it
         with ExecAborted. Output without a callback is kept up to ``max_output`` bytes
@@ -633,6 +714,10 @@ class Manager:
             if (mark := read_mark(inst.g, st.proc)) is not None:
                 raise WrongState(f"instance '{inst.name}' is {mark.describe()}")
             hv = self.hypervisor(inst)
+            if inst.oci and in_image:  # inside the image root, with its Env, User, WorkingDir
+                from vmfork.images import main as image_main
+
+                argv, env, cwd = image_main.exec_argv(inst.oci["main"], argv, env, cwd), None, None
             conn = muxctl.connect(inst.g, st.proc, lambda: hv.agent(inst.g, 5.0))
             try:
                 req_id = conn.start_exec(argv, stdin=stdin, timeout=timeout, env=env, cwd=cwd)
@@ -921,6 +1006,7 @@ class Manager:
                     parent_name=src.name, identity_applied=False, pending=pending, dir=tmp,
                     limits=src.limits,  # resource limits, not credentials: the fork gets its own uid
                     network=self._fork_network(src, publish),
+                    oci=src.oci,  # its image and main process (which runs on in the fork)
                 )
                 fork.g.ensure_dirs()
                 util.atomic_write_json(fork.g.metadata, fork.to_json(), durable=False)
@@ -1007,6 +1093,9 @@ class Manager:
                 "console_log": str(inst.g.console_log), "pending": inst.pending,
                 "snapshot": snapshot, "confinement": self._confinement(inst),
             }
+            if inst.oci:
+                d |= {"image_ref": inst.oci.get("ref"), "image_oci_digest": inst.oci.get("digest"),
+                      "main": self.main_state(inst)}
         return d
 
 

@@ -51,6 +51,9 @@ class Instance:
     # The network asked for (vmfork.network.NetSpec as JSON); None: no network. A fork keeps
     # its source's policy, never its published host ports.
     network: dict[str, Any] | None = None
+    # An OCI image guest (vmfork run --image): the image (ref, digest, fs) and its main
+    # process as resolved at run (argv, env, workdir, uid, gid, gids). Forks keep it.
+    oci: dict[str, Any] | None = None
     dir: Path = field(default=Path("."), compare=False)
     # Not stored: why this instance cannot be used (unreadable metadata), if it cannot.
     problem: str | None = field(default=None, compare=False)

@@ -94,6 +94,7 @@ def create(mgr: Manager, ref: str, name: str) -> tuple[Snapshot, dict[str, Any]]
             hypervisor=inst.hypervisor, memory_mib=inst.memory_mib, vcpus=inst.vcpus,
             accel=inst.accel, image_digest=inst.image_digest, vmm_version=cfg.vmm_version,
             parent_id=head[0], parent_name=head[1], live=live, pause_ms=pause, limits=inst.limits,
+            oci=inst.oci,
         )
         t_files = time.monotonic()
         st.commit(tmp, snap)  # digests, metadata, fsync, rename
@@ -183,7 +184,7 @@ def fork_snapshot(mgr: Manager, ref: str, name: str, *, count: int | None = None
         template = {"hypervisor": snap.hypervisor, "accel": snap.accel, "memory_mib": snap.memory_mib,
                     "vcpus": snap.vcpus, "image_digest": snap.image_digest, "parent_id": snap.id,
                     "parent_name": snap.name, "parent_kind": "snapshot", "head_snapshot_id": snap.id,
-                    "head_snapshot_name": snap.name, "limits": snap.limits}
+                    "head_snapshot_name": snap.name, "limits": snap.limits, "oci": snap.oci}
         forks, timings = fork_many(mgr, names, build, template, target_state=target_state,
                                    partial=partial, locked_source=True, overcommit=overcommit)
     timings["total_s"] = round(time.monotonic() - t0, 4)
@@ -222,7 +223,7 @@ def fork_instance(mgr: Manager, src_ref: str, name: str, *, count: int, from_run
                         "vcpus": src.vcpus, "image_digest": src.image_digest, "parent_id": src.id,
                         "parent_name": src.name, "head_snapshot_id": src.head_snapshot_id,
                         "head_snapshot_name": src.head_snapshot_name, "limits": src.limits,
-                        "network": mgr._fork_network(src, ())}
+                        "network": mgr._fork_network(src, ()), "oci": src.oci}
             forks, t = fork_many(mgr, names, build, template, target_state=target, partial=partial,
                                  overcommit=overcommit,
                                  locked_source=True, after_clone=(lambda: _restore_source(mgr, src, timings))

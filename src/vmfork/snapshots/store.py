@@ -58,6 +58,7 @@ class Snapshot:
     live: bool = False  # taken of a running instance
     pause_ms: float | None = None  # how long that instance was paused for it
     limits: dict[str, Any] | None = None  # the source's resource limits (forks keep them)
+    oci: dict[str, Any] | None = None  # the source's OCI image and main process (forks keep them)
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     format: int = 1
     dir: Path = field(default=Path("."), compare=False)
