@@ -82,4 +82,6 @@ def test_ports_in_use_or_published_are_refused(tmp_path: Path) -> None:
     with pytest.raises(InvalidArgument, match="already published by instance aaaaaaaaaaaa"):
         leases.check_ports(tmp_path, "bbbbbbbbbbbb", (PortMap(port, 81, "tcp", "127.0.0.1"),))
     leases.check_ports(tmp_path, "bbbbbbbbbbbb", (PortMap(port, 81, "udp"),))  # udp: another port
+    with pytest.raises(InvalidArgument, match=r"192\.0\.2\.7 is not an address of this host"):
+        leases.check_ports(tmp_path, "bbbbbbbbbbbb", (PortMap(8080, 80, "tcp", "192.0.2.7"),))
     assert os.path.exists(tmp_path / "network" / "leases" / "aaaaaaaaaaaa.json")

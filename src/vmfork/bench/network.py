@@ -180,7 +180,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.inside:
         with tempfile.TemporaryDirectory(prefix="vmfork-netbench-", dir="/var/tmp") as work:
-            res = inside(args.forks, args.requests, Path(work))
+            try:
+                res = inside(args.forks, args.requests, Path(work))
+            finally:  # whatever failed: no VMM, namespace or lease left behind
+                from vmfork.instances.manager import Manager
+
+                m = Manager(Path(work) / "data")
+                for inst in m.instances():
+                    m.rm(inst.name, force=True)
         print(json.dumps(res))
         return 0
     ns = f"vfb-{secrets.token_hex(4)}"

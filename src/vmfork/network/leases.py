@@ -11,8 +11,10 @@ gone. The pool is ``--subnet``, else the data dir's setting (``network/config.js
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import json
+import os
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -163,6 +165,8 @@ def check_ports(data_dir: Path, iid: str, ports: tuple[PortMap, ...]) -> None:
                     raise InvalidArgument(f"-p {p}: host port {p.host_port}/{p.proto} is already published "
                                           f"by instance {other.iid}")
         why = _port_free(p)
+        if why == os.strerror(errno.EADDRNOTAVAIL):
+            raise InvalidArgument(f"-p {p}: {p.host_ip} is not an address of this host")
         if why:
             raise InvalidArgument(f"-p {p}: host port {p.host_port}/{p.proto} is in use ({why})")
 
