@@ -305,8 +305,11 @@ class Bench:
         vmfork`` is what the ``vmfork`` script runs."""
         runs = max(self.plan.breakdown_runs, 11)
         self.say(f"[1c] CLI start-up ({runs} runs)")
-        cmds = {"python -c pass": ["-c", "pass"], "vmfork --version": ["-m", "vmfork", "--version"],
-                "vmfork ps --json": ["-m", "vmfork", "--data-dir", str(m.dd.root), "ps", "--json"]}
+        import importlib.util
+
+        entry = "vmfork" if importlib.util.find_spec("vmfork.__main__") else "vmfork.cli"  # older vmfork: cli
+        cmds = {"python -c pass": ["-c", "pass"], "vmfork --version": ["-m", entry, "--version"],
+                "vmfork ps --json": ["-m", entry, "--data-dir", str(m.dd.root), "ps", "--json"]}
         for argv in cmds.values():  # warm up: bytecode cache, page cache
             subprocess.run([sys.executable, *argv], check=True, capture_output=True, env=self.cli_env())
         t: dict[str, list[float]] = {k: [] for k in cmds}
