@@ -60,6 +60,7 @@ SHOWN: list[tuple[str, dict[str, Any] | None]] = [
     ("fanout_vmm_rss_mib", None),
     ("fanout_vmm_pss_mib", None),
     ("boot_ms", None),
+    ("boot_vmm_cpu_ms", None),
     ("confine_fork_host_ms", None),
     ("confine_fork_running_ms", None),
     ("confine_vmm_spawn_ms", None),

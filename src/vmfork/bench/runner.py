@@ -107,6 +107,7 @@ class Bench:
         self.mounts_extra: dict[str, Path] = {}  # plain dirs on the host's filesystems
         self.managers: dict[tuple[str, str], Manager] = {}
         self.boots: dict[tuple[str, int], list[float]] = {}
+        self.boot_cpu: dict[tuple[str, int], list[float]] = {}
 
     # --- plumbing -----------------------------------------------------------------------------
     def add(self, metric: str, samples: list[float], unit: str, **params: Any) -> Record:
@@ -155,6 +156,9 @@ class Bench:
             self.host["accel"] = inst.accel
         config = m.dd.root.name.removeprefix("data-")
         self.boots.setdefault((config, mib), []).append(ms(dt))
+        ref = vmm_record(inst.g)  # CPU time of the VMM to agent-ready: TCG boot work, less the host's load
+        if ref is not None:
+            self.boot_cpu.setdefault((config, mib), []).append(ms(probes.cpu_seconds(ref.pid)))
         self.say(f"  booted {name} ({mib} MiB, {inst.accel}) in {dt:.1f}s")
 
     def sh(self, m: Manager, name: str, script: str, timeout: float = 600) -> str:
@@ -600,6 +604,8 @@ class Bench:
             self.confinement_cost()
         for (config, mib), v in sorted(self.boots.items()):
             self.add("boot_ms", v, "ms", config=config, guest_mib=mib)
+        for (config, mib), v in sorted(self.boot_cpu.items()):
+            self.add("boot_vmm_cpu_ms", v, "ms", config=config, guest_mib=mib)
         self.host["load_at_end"] = round(probes.loadavg(), 2)
         for r in self.records:
             r["host"] = dict(self.host)
