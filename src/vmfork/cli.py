@@ -13,9 +13,6 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import click
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 
 from vmfork import __version__, util
 from vmfork.errors import InvalidArgument, NoSpace, NotFound, VmforkError
@@ -23,23 +20,48 @@ from vmfork.paths import PRIVATE_UMASK, DataDir, default_data_dir
 
 # Text we print is never read as markup or emoji codes (guest text such as "[/]" or ":x:"
 # would break or change it): styles are given as Text styles. Output that is not to a
-# terminal is never wrapped (a pipe gets each line whole).
+# terminal is never wrapped (a pipe gets each line whole). rich is imported on first use only:
+# it costs more than Python's own start-up, and `--json` output or `--version` never need it.
 
 
-def _console(stderr: bool) -> Console:
-    c = Console(stderr=stderr, markup=False, emoji=False, highlight=False, soft_wrap=True)
-    if not c.is_terminal:
-        c.width = 1 << 16
-    return c
+class _LazyConsole:
+    """A rich Console, made when first used."""
+
+    def __init__(self, stderr: bool) -> None:
+        self._stderr = stderr
+        self._console: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._console is None:
+            from rich.console import Console
+
+            c = Console(stderr=self._stderr, markup=False, emoji=False, highlight=False, soft_wrap=True)
+            if not c.is_terminal:
+                c.width = 1 << 16
+            self._console = c
+        return getattr(self._console, name)
 
 
-err = _console(stderr=True)
-out = _console(stderr=False)
+err = _LazyConsole(stderr=True)
+out = _LazyConsole(stderr=False)
 _clean = util.one_line
 
 
+def _text() -> Any:
+    """rich's Text class (imported on first use)."""
+    from rich.text import Text
+
+    return Text
+
+
+def _table(**kw: Any) -> Any:
+    from rich.table import Table
+
+    return Table(**kw)
+
+
 def _fail(e: VmforkError) -> NoReturn:
-    err.print(Text.assemble(("vmfork: error:", "bold red"), " ", _clean(str(e))))
+    err.print(_text().assemble(("vmfork: error:", "bold red"), " ", _clean(str(e))))
     sys.exit(e.exit_code)
 
 
@@ -48,10 +70,11 @@ class Ctx:
         self.data_dir = data_dir
         self.quiet = quiet
         self._mgr: Any = None
+        self._mgr_creates = False
 
     def progress(self, msg: str) -> None:
         if not self.quiet:
-            err.print(Text(f"· {_clean(msg)}", style="dim"))
+            err.print(_text()(f"· {_clean(msg)}", style="dim"))
 
     def data_dir_exists(self) -> bool:
         """For read-only commands, which create nothing: False where there is no data dir
@@ -62,17 +85,28 @@ class Ctx:
         """The instance NAME, for a read-only command."""
         if not self.data_dir_exists():
             raise NotFound(f"instance '{name}' not found")
-        return self.mgr.find(name)
+        return self.view.find(name)
 
     @property
     def mgr(self) -> Any:
-        if self._mgr is None:
-            from vmfork.instances import Manager
-
-            self._mgr = Manager(self.data_dir, self.progress)
-            for action in self._mgr.recover():
-                err.print(Text.assemble(("vmfork: recovered:", "yellow"), " ", _clean(action)))
+        """The Manager; makes the data dir."""
+        if self._mgr is None or not self._mgr_creates:
+            self._manager(create=True)
         return self._mgr
+
+    @property
+    def view(self) -> Any:
+        """The Manager for read-only commands (ps, inspect, logs): makes nothing in the data dir."""
+        if self._mgr is None:
+            self._manager(create=False)
+        return self._mgr
+
+    def _manager(self, create: bool) -> None:
+        from vmfork.instances.manager import Manager
+
+        self._mgr, self._mgr_creates = Manager(self.data_dir, self.progress, create=create), create
+        for action in self._mgr.recover():
+            err.print(_text().assemble(("vmfork: recovered:", "yellow"), " ", _clean(action)))
 
 
 class VmforkGroup(click.Group):
@@ -308,10 +342,10 @@ def fork(c: Ctx, source: str, name: str, from_running: bool, target_state: str |
 @pass_ctx
 def ps(c: Ctx, as_json: bool) -> None:
     """List instances."""
-    rows = [c.mgr.describe(i) for i in c.mgr.instances()] if c.data_dir_exists() else []
+    rows = [c.view.describe(i) for i in c.view.instances()] if c.data_dir_exists() else []
 
     def human() -> None:
-        t = Table(box=None, pad_edge=False)
+        t = _table(box=None, pad_edge=False)
         for col in ("NAME", "ID", "STATE", "HYPERVISOR", "ACCEL", "MEMORY", "PID", "PARENT"):
             t.add_column(col)
         for r in rows:
@@ -332,8 +366,8 @@ def ps(c: Ctx, as_json: bool) -> None:
 @pass_ctx
 def inspect(c: Ctx, name: str, as_json: bool) -> None:
     """Show everything known about NAME."""
-    inst = c.find(name)  # before c.mgr: no data dir, nothing created
-    d = c.mgr.describe(inst, detail=True)
+    inst = c.find(name)  # no data dir, nothing created
+    d = c.view.describe(inst, detail=True)
 
     def human() -> None:
         for k, v in d.items():
@@ -402,7 +436,7 @@ def logs(c: Ctx, name: str, follow: bool, lines: int | None, vmm: bool) -> None:
 
     if lines is not None and lines < 0:
         raise InvalidArgument(f"invalid --tail '{lines}': a number of lines, 0 or more")
-    inst = c.find(name)  # before c.mgr: no data dir, nothing created
+    inst = c.find(name)  # no data dir, nothing created
     path = inst.g.vmm_log if vmm else inst.g.console_log
     pos = 0
     if lines is not None:  # read from the end, not the whole file
@@ -439,13 +473,13 @@ def doctor(c: Ctx, as_json: bool) -> None:
     report = run_checks(c.data_dir, c.progress)
 
     def human() -> None:
-        t = Table(box=None, show_header=False, pad_edge=False)
+        t = _table(box=None, show_header=False, pad_edge=False)
         t.add_column(justify="right")
         t.add_column(style="bold")
         t.add_column(overflow="fold")
         style = {"ok": "green", "warn": "yellow", "fail": "red", "info": "cyan"}
         for item in report["checks"]:
-            t.add_row(Text(item["status"], style=style[item["status"]]), _clean(item["name"]),
+            t.add_row(_text()(item["status"], style=style[item["status"]]), _clean(item["name"]),
                       _clean(item["detail"]))
         out.print(t)
 
@@ -519,7 +553,7 @@ def demo(c: Ctx, memory: str, keep: bool) -> None:
     """Boot a VM, write sentinels, standby, fork, restore both, show each sees its own state."""
     from vmfork.demo import run_demo
 
-    run_demo(c.mgr, util.parse_memory(memory), keep=keep, say=lambda m: out.print(Text.from_markup(m)))
+    run_demo(c.mgr, util.parse_memory(memory), keep=keep, say=lambda m: out.print(_text().from_markup(m)))
 
 
 from vmfork.snapshot_cli import register  # noqa: E402

@@ -9,7 +9,6 @@ from collections.abc import Callable
 from typing import Any
 
 import click
-from rich.table import Table
 
 from vmfork.errors import InvalidArgument, NotFound
 
@@ -91,6 +90,8 @@ def register(cli: Any) -> None:
         rows = [s.to_json() | {"dir": str(s.dir)} for s in snaps]
 
         def human() -> None:
+            from rich.table import Table
+
             t = Table(box=None, pad_edge=False)
             for col in ("NAME", "ID", "SOURCE", "CREATED", "MEMORY", "SIZE", "LIVE"):
                 t.add_column(col)
@@ -294,6 +295,8 @@ def register(cli: Any) -> None:
         rep = account(c.mgr) if c.data_dir_exists() else {"items": [], "totals": {}}
 
         def human() -> None:
+            from rich.table import Table
+
             t = Table(box=None, pad_edge=False)
             for col in ("KIND", "NAME", "LOGICAL", "ALLOCATED", "SHARED", "EXCLUSIVE", "RM FREES"):
                 t.add_column(col, justify="left" if col in ("KIND", "NAME") else "right")

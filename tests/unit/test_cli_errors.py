@@ -70,12 +70,34 @@ def read_only_tmpfs(mnt: Path, subdirs: tuple[str, ...] = ()) -> Iterator[Path]:
 
 
 @pytest.mark.parametrize("subdirs", [(), ("guests", "images", "locks")], ids=["empty", "laid-out"])
-@pytest.mark.parametrize("args", [["run", "x"], ["image", "build"], ["ps"]])
+@pytest.mark.parametrize("args", [["run", "x"], ["image", "build"]])
 def test_data_dir_on_read_only_filesystem(tmp_path: Path, subdirs: tuple[str, ...],
                                           args: list[str]) -> None:
     with read_only_tmpfs(tmp_path / "ro", subdirs) as ro:
         err = one_error_line(CLI(ro)(*args, check=False))
         assert f"data dir '{ro}'" in err and "read-only file system" in err
+
+
+@pytest.mark.parametrize("subdirs", [(), ("guests", "images", "locks")], ids=["empty", "laid-out"])
+def test_ps_reads_a_data_dir_on_a_read_only_filesystem(tmp_path: Path, subdirs: tuple[str, ...]) -> None:
+    """ps writes nothing, so a read-only data dir is no error: it lists what is there."""
+    with read_only_tmpfs(tmp_path / "ro", subdirs) as ro:
+        r = CLI(ro)("ps", "--json", check=False)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.decode().strip() == "[]"
+
+
+@pytest.mark.parametrize("args", READ_ONLY, ids=lambda a: "-".join(a))
+def test_read_only_commands_create_nothing_in_an_empty_data_dir(tmp_path: Path, args: list[str]) -> None:
+    """An existing but empty data dir stays empty (ps used to make guests/, images/, locks/)."""
+    data = tmp_path / "data"
+    data.mkdir(0o700)
+    r = CLI(data)(*args, check=False)
+    if args[0] in ("inspect", "logs"):
+        assert "instance 'x' not found" in one_error_line(r, 3)
+    else:
+        assert r.returncode == 0, r.stderr
+    assert tree(tmp_path) == ["data"]
 
 
 @pytest.mark.parametrize("args", READ_ONLY, ids=lambda a: "-".join(a))

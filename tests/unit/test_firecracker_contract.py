@@ -872,7 +872,7 @@ def test_manager_run_standby_fork_restore_against_the_double(
     img_dir = m.dd.images / env.image.digest[:16]
     env.image.dir.rename(img_dir)
     image = load_image(m.dd.images, env.image.digest)
-    monkeypatch.setattr(mgr_mod, "ensure_image", lambda *a, **k: image)
+    monkeypatch.setattr("vmfork.images.ensure_image", lambda *a, **k: image)  # imported where used
     monkeypatch.setattr(mgr_mod, "resolve_accel", lambda *a, **k: ("kvm", "test double"))
     try:
         src = m.run("src", memory_mib=MEM_MIB, hypervisor="firecracker")
@@ -921,7 +921,7 @@ def test_a_failed_run_names_the_vmms_own_error_and_keeps_its_log(
     m = mgr_mod.Manager(env.root / "data")
     env.image.dir.rename(m.dd.images / env.image.digest[:16])
     image = load_image(m.dd.images, env.image.digest)
-    monkeypatch.setattr(mgr_mod, "ensure_image", lambda *a, **k: image)
+    monkeypatch.setattr("vmfork.images.ensure_image", lambda *a, **k: image)  # imported where used
     monkeypatch.setattr(mgr_mod, "resolve_accel", lambda *a, **k: ("kvm", "test double"))
     with pytest.raises(AgentError) as ei:
         m.run("dies", memory_mib=MEM_MIB, hypervisor="firecracker")

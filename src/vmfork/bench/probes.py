@@ -159,6 +159,12 @@ def parse_smaps_rollup(text: str) -> dict[str, int]:
     return out
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def smaps_rollup(pid: int) -> dict[str, int]:
     return parse_smaps_rollup(Path(f"/proc/{pid}/smaps_rollup").read_text())
 

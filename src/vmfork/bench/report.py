@@ -16,6 +16,11 @@ TARGETS: list[tuple[str, dict[str, Any], str, Any]] = [
     ("fork_over_copy", {"fs": "xfs", "guest_mib": 2048}, "< 0.5x", lambda v: v < 0.5),
     ("fork_host_over_bare_restore", {}, "≤ 1.2x", lambda v: v <= 1.2),
     ("standby_again_over_first", {"config": "vmfork", "dirtied": "1 MiB"}, "≤ 0.2x", lambda v: v <= 0.2),
+    ("fork_over_copy_same_files", {"fs": "ext4"}, "≤ 1.1x", lambda v: v <= 1.1),
+    ("fork_over_copy_same_files", {"fs": "ext4-root"}, "≤ 1.1x", lambda v: v <= 1.1),
+    ("cli_version_over_python", {}, "≤ 3x", lambda v: v <= 3),
+    ("cli_ps_json_over_python", {}, "≤ 5x", lambda v: v <= 5),
+    ("boot_ms", {"config": "vmfork", "guest_mib": 256}, "≤ 2500 ms", lambda v: v <= 2500),
 ]
 
 #: What the human table shows, in this order (metric, params that must match or None for all).
@@ -30,10 +35,15 @@ SHOWN: list[tuple[str, dict[str, Any] | None]] = [
     ("cli_overhead_ms", None),
     ("python_startup_ms", None),
     ("cli_startup_ms", None),
+    ("cli_ps_json_ms", None),
+    ("cli_version_over_python", None),
+    ("cli_ps_json_over_python", None),
     ("memfile_data_mib", None),
     ("fork_standby_ms", None),
     ("copy_memfile_ms", None),
     ("fork_over_copy", None),
+    ("copy_guest_ms", None),
+    ("fork_over_copy_same_files", None),
     ("fork_growth_largest_over_smallest", None),
     ("standby_ms", None),
     ("standby_again_over_first", None),
@@ -50,6 +60,7 @@ SHOWN: list[tuple[str, dict[str, Any] | None]] = [
     ("fanout_vmm_rss_mib", None),
     ("fanout_vmm_pss_mib", None),
     ("boot_ms", None),
+    ("boot_vmm_cpu_ms", None),
     ("confine_fork_host_ms", None),
     ("confine_fork_running_ms", None),
     ("confine_vmm_spawn_ms", None),
@@ -153,7 +164,10 @@ def render_summary(records: Sequence[Record]) -> str:
         f"`vmfork fork` (to standby) {v('cli_fork_standby_ms')} ms",
         f"the same call in-process {v('inprocess_fork_standby_ms')} ms",
         f"overhead {v('cli_overhead_ms')} ms",
-        f"of which `vmfork --version` {v('cli_startup_ms')} ms and `python -c pass` {v('python_startup_ms')} ms",
+    ]) + ". Start-up: " + ", ".join([
+        f"`python -c pass` {v('python_startup_ms')} ms",
+        f"`vmfork --version` {v('cli_startup_ms')} ms ({v('cli_version_over_python')})",
+        f"`vmfork ps --json` {v('cli_ps_json_ms')} ms ({v('cli_ps_json_over_python')})",
     ]) + "."]
     sizes = sorted(v.values("fork_standby_ms", "guest_mib"))
     fss = v.values("fork_standby_ms", "fs")
@@ -162,13 +176,17 @@ def render_summary(records: Sequence[Record]) -> str:
         row = [str(mib), v("memfile_data_mib", "{:.0f}", fs=fss[0], guest_mib=mib)]
         for f in fss:
             row += [v("fork_standby_ms", fs=f, guest_mib=mib),
-                    v("copy_memfile_ms", fs=f, guest_mib=mib, tool="cp --reflink=never"),
-                    v("copy_memfile_ms", fs=f, guest_mib=mib, tool="cp --reflink=never + fsync")]
+                    v("copy_memfile_ms", fs=f, guest_mib=mib, tool="cp --reflink=never + fsync"),
+                    v("copy_guest_ms", fs=f, guest_mib=mib),
+                    v("fork_over_copy_same_files", fs=f, guest_mib=mib)]
         rows.append(row)
     rows.append(["fork largest/smallest", "", *[x for f in fss for x in
-                 (v("fork_growth_largest_over_smallest", fs=f), "", "")]])
-    heads = ["guest MiB", "mem-file data MiB"] + [h for f in fss for h in (f"{f} fork", f"{f} cp", f"{f} cp+fsync")]
-    parts += ["", "**2. Fork (to standby) vs guest memory** (ms; the guest wrote ~45 % of its RAM, random bytes)", "",
+                 (v("fork_growth_largest_over_smallest", fs=f), "", "", "")]])
+    heads = ["guest MiB", "mem-file data MiB"] + [h for f in fss for h in (
+        f"{f} fork", f"{f} cp mem-file+fsync", f"{f} cp same files+sync -f", f"{f} fork / same")]
+    parts += ["", "**2. Fork (to standby) vs guest memory** (ms; the guest wrote ~45 % of its RAM, random bytes; "
+              "\"same files\": `cp -a` of the files the fork copies — mem-file, device state, config, data disk — "
+              "then `sync -f`; ext4-root: the host's own ext4)", "",
               _md(heads, rows)]
     sconfigs = v.values("standby_ms", "config")
     rows = []

@@ -23,9 +23,11 @@ from vmfork.bench import probes
 from vmfork.bench.bare import bare_quit, bare_restore
 from vmfork.bench.stats import Record, median, ratio_record, record
 from vmfork.forkvm import clone_file
+from vmfork.forkvm.copier import default_skip
+from vmfork.fs import filesystem_type
 from vmfork.hypervisor.base import VMConfig, vmm_record
 from vmfork.hypervisor.qemu import QemuHypervisor
-from vmfork.instances.manager import Manager
+from vmfork.instances.manager import Manager, _guest_skip
 from vmfork.layout import GuestDir
 
 MiB = 1 << 20
@@ -58,6 +60,7 @@ class Plan:
     fill: float = 0.45
     dirty: list[int] = field(default_factory=lambda: [1, 64])
     loop_mib: int = 12288
+    root_ext4: bool = True  # also fork vs copy on the host's ext4 (where the work dir is)
 
     @classmethod
     def for_mode(cls, mode: str) -> Plan:
@@ -70,7 +73,7 @@ class Plan:
         if mode == "smoke":
             return cls(mode, runs=2, breakdown_runs=2, sizes=[128], fanout=[1, 2], fanout_runs=1, standby_runs=1,
                        lifecycle_runs=1, configs=["vmfork", "qemu-default"], running_forks=2,
-                       base_mib=128, dirty=[1, 8], loop_mib=4096, timing_configs=["vmfork"])
+                       base_mib=128, dirty=[1, 8], loop_mib=4096, timing_configs=["vmfork"], root_ext4=False)
         raise ValueError(f"unknown mode {mode!r}")
 
 
@@ -101,8 +104,10 @@ class Bench:
         self.skipped: list[str] = []
         self.host: dict[str, Any] = {}
         self.mounts: dict[str, Path] = {}
+        self.mounts_extra: dict[str, Path] = {}  # plain dirs on the host's filesystems
         self.managers: dict[tuple[str, str], Manager] = {}
         self.boots: dict[tuple[str, int], list[float]] = {}
+        self.boot_cpu: dict[tuple[str, int], list[float]] = {}
 
     # --- plumbing -----------------------------------------------------------------------------
     def add(self, metric: str, samples: list[float], unit: str, **params: Any) -> Record:
@@ -122,7 +127,7 @@ class Bench:
     def manager(self, fs: str, config: str = "vmfork") -> Manager:
         key = (fs, config)
         if key not in self.managers:
-            root = self.mounts[fs] / f"data-{config}"
+            root = (self.mounts | self.mounts_extra)[fs] / f"data-{config}"
             with env(CONFIGS[config]):
                 self.managers[key] = Manager(root)
         return self.managers[key]
@@ -151,6 +156,9 @@ class Bench:
             self.host["accel"] = inst.accel
         config = m.dd.root.name.removeprefix("data-")
         self.boots.setdefault((config, mib), []).append(ms(dt))
+        ref = vmm_record(inst.g)  # CPU time of the VMM to agent-ready: TCG boot work, less the host's load
+        if ref is not None:
+            self.boot_cpu.setdefault((config, mib), []).append(ms(probes.cpu_seconds(ref.pid)))
         self.say(f"  booted {name} ({mib} MiB, {inst.accel}) in {dt:.1f}s")
 
     def sh(self, m: Manager, name: str, script: str, timeout: float = 600) -> str:
@@ -198,8 +206,7 @@ class Bench:
 
     def cleanup(self) -> None:
         """Stop every VMM the bench started (whatever state it was left in)."""
-        for fs in list(self.mounts):
-            mnt = self.mounts[fs]
+        for mnt in [*self.mounts.values(), *self.mounts_extra.values()]:
             for data in mnt.glob("data-*"):
                 guests = data / "guests"
                 for g in guests.iterdir() if guests.exists() else []:
@@ -271,7 +278,7 @@ class Bench:
         fs = "xfs" if "xfs" in self.mounts else next(iter(self.mounts))
         m = self.source(fs)
         self.say(f"[1b] CLI overhead ({self.plan.breakdown_runs} runs)")
-        cli, inproc, py, cli_version = [], [], [], []
+        cli, inproc = [], []
         # warm up: Python's bytecode cache of vmfork, page cache of the interpreter
         subprocess.run([sys.executable, "-m", "vmfork.cli", "--version"], check=True, capture_output=True,
                        env=self.cli_env())
@@ -290,26 +297,51 @@ class Bench:
             inproc.append(ms(time.monotonic() - t0))
             self.rm_all(m, "cli-")
             self.rm_all(m, "inp-")
-            t0 = time.monotonic()
-            subprocess.run([sys.executable, "-c", "pass"], check=True, env=self.cli_env())
-            py.append(ms(time.monotonic() - t0))
-            t0 = time.monotonic()
-            subprocess.run([sys.executable, "-m", "vmfork.cli", "--version"], check=True, capture_output=True,
-                           env=self.cli_env())
-            cli_version.append(ms(time.monotonic() - t0))
         a = self.add("cli_fork_standby_ms", cli, "ms", fs=fs, how="vmfork fork (new process)")
         b = self.add("inprocess_fork_standby_ms", inproc, "ms", fs=fs, how="Manager.fork in-process")
         self.add("cli_overhead_ms", [x - y for x, y in zip(cli, inproc, strict=True)], "ms", fs=fs)
-        self.add("python_startup_ms", py, "ms", how="python -c pass")
-        self.add("cli_startup_ms", cli_version, "ms", how="vmfork --version")
         self.ratio("cli_over_inprocess_fork", a, b, fs=fs)
+        self.startup(m)
+
+    def startup(self, m: Manager) -> None:
+        """``vmfork --version`` and ``vmfork ps --json`` (a data dir with one instance) against
+        ``python -c pass``, interleaved, with the bytecode cache on as a user has it. ``python -m
+        vmfork`` is what the ``vmfork`` script runs."""
+        runs = max(self.plan.breakdown_runs, 11)
+        self.say(f"[1c] CLI start-up ({runs} runs)")
+        import importlib.util
+
+        entry = "vmfork" if importlib.util.find_spec("vmfork.__main__") else "vmfork.cli"  # older vmfork: cli
+        cmds = {"python -c pass": ["-c", "pass"], "vmfork --version": ["-m", entry, "--version"],
+                "vmfork ps --json": ["-m", entry, "--data-dir", str(m.dd.root), "ps", "--json"]}
+        for argv in cmds.values():  # warm up: bytecode cache, page cache
+            subprocess.run([sys.executable, *argv], check=True, capture_output=True, env=self.cli_env())
+        t: dict[str, list[float]] = {k: [] for k in cmds}
+        for _ in range(runs):
+            for k, argv in cmds.items():
+                t0 = time.monotonic()
+                subprocess.run([sys.executable, *argv], check=True, capture_output=True, env=self.cli_env())
+                t[k].append(ms(time.monotonic() - t0))
+        py = self.add("python_startup_ms", t["python -c pass"], "ms", how="python -c pass")
+        ver = self.add("cli_startup_ms", t["vmfork --version"], "ms", how="vmfork --version")
+        ps = self.add("cli_ps_json_ms", t["vmfork ps --json"], "ms", how="vmfork ps --json",
+                      instances=len(m.instances()))
+        self.ratio("cli_version_over_python", ver, py)
+        self.ratio("cli_ps_json_over_python", ps, py)
 
     def fork_vs_memory(self) -> None:
-        """Fork to standby of guests with ~45 % of RAM written, against ``cp`` of the mem-file."""
+        """Fork to standby of guests with ~45 % of RAM written, against ``cp`` of the mem-file
+        and (fair) against ``cp -a`` + ``sync -f`` of the same files the fork copies. On the
+        loop filesystems and, where the work dir is on one, on the host's own ext4."""
         forks: dict[str, list[Record]] = {}
-        for fs in self.mounts:
+        mounts = dict(self.mounts)
+        if self.plan.root_ext4 and filesystem_type(self.work) == "ext4":
+            mounts["ext4-root"] = self.work / "root-ext4"
+            mounts["ext4-root"].mkdir(exist_ok=True)
+            self.mounts_extra["ext4-root"] = mounts["ext4-root"]
+        for fs in mounts:
             m = self.manager(fs)
-            mnt = self.mounts[fs]
+            mnt = mounts[fs]
             for mib in self.plan.sizes:
                 name = f"mem-{mib}"
                 self.boot(m, name, mib)
@@ -323,7 +355,9 @@ class Bench:
                 ext = probes.extents(memf)
                 self.add("memfile_data_mib", [ext.bytes / MiB], "MiB", fs=fs, guest_mib=mib, written_mib=fill)
                 self.add("memfile_extents", [ext.count], "count", fs=fs, guest_mib=mib)
-                fork_t, cp_t, cp_sync_t = [], [], []
+                fork_t, cp_t, cp_sync_t, same_t = [], [], [], []
+                src_dir = m.find(name).dir
+                same = fork_files(src_dir)
                 for i in range(self.plan.runs):
                     os.sync()
                     t0 = time.monotonic()
@@ -338,11 +372,25 @@ class Bench:
                     util.fsync_file(dst)
                     cp_sync_t.append(ms(time.monotonic() - t0))
                     dst.unlink()
+                    # fair: the files the fork copies (mem-file, device state, config, data disk),
+                    # made durable (syncfs; the fork fsyncs each file and directory)
+                    os.sync()
+                    dst = mnt / "cp-guest"
+                    dst.mkdir()
+                    t0 = time.monotonic()
+                    subprocess.run(["cp", "-a", "--reflink=never", "--parents", *same, str(dst)], check=True,
+                                   cwd=src_dir)
+                    subprocess.run(["sync", "-f", str(dst)], check=True)
+                    same_t.append(ms(time.monotonic() - t0))
+                    shutil.rmtree(dst)
                 m.rm(name, force=True)
                 f = self.add("fork_standby_ms", fork_t, "ms", fs=fs, guest_mib=mib)
                 c = self.add("copy_memfile_ms", cp_t, "ms", fs=fs, guest_mib=mib, tool="cp --reflink=never")
                 self.add("copy_memfile_ms", cp_sync_t, "ms", fs=fs, guest_mib=mib, tool="cp --reflink=never + fsync")
+                fair = self.add("copy_guest_ms", same_t, "ms", fs=fs, guest_mib=mib, files=len(same),
+                                tool="cp -a --reflink=never (the fork's files) + sync -f")
                 self.ratio("fork_over_copy", f, c, fs=fs, guest_mib=mib)
+                self.ratio("fork_over_copy_same_files", f, fair, fs=fs, guest_mib=mib)
                 forks.setdefault(fs, []).append(f)
         for fs, recs in forks.items():
             if len(recs) > 1:
@@ -556,9 +604,24 @@ class Bench:
             self.confinement_cost()
         for (config, mib), v in sorted(self.boots.items()):
             self.add("boot_ms", v, "ms", config=config, guest_mib=mib)
+        for (config, mib), v in sorted(self.boot_cpu.items()):
+            self.add("boot_vmm_cpu_ms", v, "ms", config=config, guest_mib=mib)
         self.host["load_at_end"] = round(probes.loadavg(), 2)
         for r in self.records:
             r["host"] = dict(self.host)
+
+
+def fork_files(src: Path) -> list[str]:
+    """The regular files (relative paths) a fork of the guest dir ``src`` copies."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(src):
+        rel_dir = Path(dirpath).relative_to(src)
+        dirnames[:] = [d for d in dirnames if not _guest_skip(rel_dir / d, os.lstat(Path(dirpath) / d))]
+        for f in filenames:
+            st = os.lstat(Path(dirpath) / f)
+            if not _guest_skip(rel_dir / f, st) and not default_skip(rel_dir / f, st):
+                out.append(str(rel_dir / f))
+    return sorted(out)
 
 
 def medians_by(records: list[Record], metric: str, key: str, **params: Any) -> dict[Any, float]:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from vmfork.errors import HypervisorError, InvalidArgument
 from vmfork.hypervisor.base import Capabilities, Hypervisor, VMConfig
-from vmfork.images import Image
+
+if TYPE_CHECKING:
+    from vmfork.images import Image
 
 BACKENDS = ("qemu", "firecracker")
 

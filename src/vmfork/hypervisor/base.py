@@ -8,17 +8,19 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vmfork.errors import HypervisorError
-from vmfork.guest.agent import AgentClient
-from vmfork.images import Image
 from vmfork.layout import GuestDir
 from vmfork.logfile import read_tail
 from vmfork.paths import PRIVATE_FILE, PRIVATE_UMASK
 from vmfork.procs import ProcRef, recorded
 from vmfork.supervisor import start_supervised
 from vmfork.util import atomic_write_json
+
+if TYPE_CHECKING:  # annotations only: kept off the import path of read-only commands
+    from vmfork.guest.agent import AgentClient
+    from vmfork.images import Image
 
 
 @dataclass(frozen=True)

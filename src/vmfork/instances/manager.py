@@ -42,11 +42,9 @@ from vmfork.errors import (
 from vmfork.forkvm import CopyStats, clone_file, clone_tree
 from vmfork.forkvm.copier import fsync_tree
 from vmfork.fs import set_cow_extent_size_hint
-from vmfork.guest import muxctl
 from vmfork.guest.agent import MAX_BUFFERED_OUTPUT, ExecResult, wait_ready
 from vmfork.hypervisor import get_hypervisor, resolve_accel
 from vmfork.hypervisor.base import Hypervisor, VMConfig, tail, vmm_record
-from vmfork.images import Image, ensure_image, load_image
 from vmfork.instances import integrity, snapshot_ops
 from vmfork.instances.model import Instance, new_mac
 from vmfork.layout import GuestDir
@@ -59,7 +57,8 @@ from vmfork.space.pause import clear_mark, read_mark
 from vmfork.supervisor import death_cause
 from vmfork.util import crashpoint
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # images and the exec mux are imported where used (read-only commands start fast)
+    from vmfork.images import Image
     from vmfork.network import NetSpec
 
 Progress = Callable[[str], None]
@@ -102,12 +101,13 @@ def _guest_skip(rel: Path, st: os.stat_result) -> bool:
 
 
 class Manager:
-    def __init__(self, root: Path, progress: Progress | None = None) -> None:
-        self.dd = DataDir(root).ensure()
+    def __init__(self, root: Path, progress: Progress | None = None, *, create: bool = True) -> None:
+        """``create=False`` (read-only commands): the data dir is taken as it is, nothing is made."""
+        self.dd = DataDir(root).ensure() if create else DataDir(root)
         self.progress: Progress = progress or (lambda _msg: None)
         cow_extsize = os.environ.get("VMFORK_COWEXTSIZE", "")
         size = int(cow_extsize) if cow_extsize.isdigit() else COW_EXTSIZE
-        if size > 0:  # inherited by every guest dir and file created from now on (XFS only)
+        if size > 0 and create:  # inherited by every guest dir and file created from now on (XFS only)
             set_cow_extent_size_hint(self.dd.guests, size)
 
     # --- locks ----------------------------------------------------------------------------
@@ -142,7 +142,7 @@ class Manager:
     def instances(self) -> list[Instance]:
         """Every instance, those with unreadable metadata included (with their ``problem``)."""
         out = []
-        for d in sorted(self.dd.guests.iterdir()):
+        for d in sorted(self.dd.guests.iterdir()) if self.dd.guests.is_dir() else []:
             if d.name.startswith(".") or not d.is_dir():
                 continue
             out.append(Instance.load(d))
@@ -175,6 +175,8 @@ class Manager:
         return get_hypervisor(inst.hypervisor)
 
     def image(self, digest: str) -> Image:
+        from vmfork.images import load_image
+
         return load_image(self.dd.images, digest)
 
     def _set_metadata(self, inst: Instance, **changes: Any) -> None:
@@ -187,7 +189,9 @@ class Manager:
         """Finish or undo what a crashed vmfork left behind. Safe to run at any time: it
         touches only what no live vmfork holds the lock of."""
         actions: list[str] = []
-        for d in sorted(self.dd.guests.iterdir()) if self.dd.guests.exists() else []:
+        if not self.dd.guests.is_dir():
+            return actions  # a data dir not made yet (read-only view): nothing to recover
+        for d in sorted(self.dd.guests.iterdir()):
             if d.name.startswith((".tmp-", ".trash-")):
                 iid = d.name.split("-", 1)[1]
                 with self._try_instance_lock(iid) as free:
@@ -380,6 +384,8 @@ class Manager:
         self._check_name_free(name)  # fail fast, before any image work
         oci = self._oci_for_run(oci_image, hypervisor, main or {}) if oci_image is not None else None
         self._admit(f"'{name}'", hv, [ram_claim(name, memory_mib << 20, None)], overcommit=overcommit)
+        from vmfork.images import ensure_image
+
         image = ensure_image(self.dd.images, self.progress)
         accel_used, why = resolve_accel(hv, image, accel, self.progress)
         iid = self._new_id()
@@ -464,6 +470,8 @@ class Manager:
 
     def _guest_command(self, inst: Instance, proc: ProcRef, argv: list[str], timeout: float) -> ExecResult:
         """Run a command of vmfork's own in the guest (through the exec mux; lock held)."""
+        from vmfork.guest import muxctl
+
         hv = self.hypervisor(inst)
         with muxctl.connect(inst.g, proc, lambda: hv.agent(inst.g, 5.0)) as conn:
             req = conn.start_exec(argv, stdin=b"", timeout=timeout, env=None, cwd=None)
@@ -653,6 +661,8 @@ class Manager:
                 return "snapshot discarded"
             assert st.proc is not None
             hv = self.hypervisor(inst)
+            from vmfork.guest import muxctl
+
             muxctl.end_execs(inst.g, "the instance was stopped")  # frees the agent channel too
             if not force:
                 try:
@@ -677,6 +687,8 @@ class Manager:
     def _destroy(self, inst: Instance) -> None:
         """Remove the instance: renamed out of sight first (the commit point), then its VMM
         is stopped and its files deleted; recovery finishes a crashed removal."""
+        from vmfork.guest import muxctl
+
         muxctl.end_execs(inst.g, "the instance was removed")
         trash = self.dd.guests / f".trash-{inst.id}"
         if inst.dir.exists():
@@ -718,6 +730,8 @@ class Manager:
                 from vmfork.images import main as image_main
 
                 argv, env, cwd = image_main.exec_argv(inst.oci["main"], argv, env, cwd), None, None
+            from vmfork.guest import muxctl
+
             conn = muxctl.connect(inst.g, st.proc, lambda: hv.agent(inst.g, 5.0))
             try:
                 req_id = conn.start_exec(argv, stdin=stdin, timeout=timeout, env=env, cwd=cwd)
@@ -750,6 +764,8 @@ class Manager:
         assert st.proc is not None
         g, hv = inst.g, self.hypervisor(inst)
         t_execs = time.monotonic()
+        from vmfork.guest import muxctl
+
         muxctl.end_execs(g, "the instance was put in standby", wait_s=2.0)  # kills its commands
         t0 = time.monotonic()
         tmp = g.snapshot_tmp

@@ -20,7 +20,6 @@ from vmfork import util
 from vmfork.errors import InvalidArgument, VmforkError, WrongState
 from vmfork.forkvm import clone_file, clone_tree
 from vmfork.forkvm.copier import fsync_tree
-from vmfork.guest import muxctl
 from vmfork.hypervisor import get_hypervisor
 from vmfork.hypervisor.base import VMConfig, vmm_record
 from vmfork.instances import integrity
@@ -439,6 +438,8 @@ def _finish_rollback(mgr: Manager, inst: Instance) -> None:
     rb = g.snapshots / ROLLBACK_DIR
     proc = vmm_record(g)
     if proc is not None:
+        from vmfork.guest import muxctl
+
         muxctl.end_execs(g, "the instance was rolled back to a snapshot")
         mgr.hypervisor(inst).quit(g, proc)
     g.vmm_json.unlink(missing_ok=True)
