@@ -470,5 +470,9 @@ from vmfork.snapshot_cli import register  # noqa: E402
 
 register(sys.modules[__name__])  # 'snapshot ...', 'tree', 'df'
 
+from vmfork.fleet_cli import register as register_fleet  # noqa: E402
+
+register_fleet(sys.modules[__name__])  # 'fleet ...' (Ray is imported by a fleet command only)
+
 if __name__ == "__main__":
     main()
