@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from vmfork import util
-from vmfork.errors import NotFound, WrongState
+from vmfork.errors import NotFound, VmforkError, WrongState
 from vmfork.fleet.stream import ChunkReader, ExportStream
 
 #: Output of an exec sent back to the fleet client, per stream (the rest is counted as dropped).
@@ -169,6 +169,9 @@ class HostAgent:
                                  "than its source's: removed")
         except BaseException as e:
             info["error"] = str(e)
+            if reader.error is not None and isinstance(e, VmforkError):  # the tools only saw the cut
+                raise WrongState(f"the stream of snapshot '{expect['name']}' to host '{self.name}' broke "
+                                 f"after {reader.received >> 20} MiB: {reader.error}; nothing was kept") from None
             raise
         finally:
             info["done"] = True

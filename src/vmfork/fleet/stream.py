@@ -123,16 +123,18 @@ class ChunkReader:
         self.buf = b""
         self.received = 0
         self.eof = False
+        self.error: str | None = None  # why the stream broke, if it did
 
     def read(self, n: int = -1) -> bytes:
         while not self.eof and (n < 0 or len(self.buf) < n):
             try:
                 chunk = self.fetch()
-            except VmforkError:
+            except VmforkError as e:
+                self.error = str(e)
                 raise
             except Exception as e:  # the transport's errors, in one line
-                raise WrongState(f"the stream from the source host broke: {type(e).__name__}: "
-                                 f"{str(e).splitlines()[0] if str(e) else ''}") from None
+                self.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                raise WrongState(f"the stream from the source host broke: {self.error}") from None
             if not chunk:
                 self.eof = True
                 break
