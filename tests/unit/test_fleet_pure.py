@@ -116,6 +116,7 @@ def test_closed_stream_ends_its_writer() -> None:
     s.close()
     s.thread.join(10)
     assert not s.thread.is_alive()
+    assert s.result == {}  # it ran to its end (its output dropped): its lock and tools are released
 
 
 def test_chunk_reader_names_a_broken_transport() -> None:

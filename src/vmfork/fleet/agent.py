@@ -130,6 +130,11 @@ class HostAgent:
         if stream is not None:
             stream.close()
 
+    def exports(self) -> list[dict[str, Any]]:
+        """The export streams open on this host (for diagnosis)."""
+        return [{"id": sid, "sent": s.sent, "running": s.thread.is_alive(), "closed": s.closed.is_set(),
+                 "idle_s": round(time.monotonic() - s.touched, 1)} for sid, s in list(self._exports.items())]
+
     def _reap(self) -> None:
         for sid, s in list(self._exports.items()):
             if s.idle():

@@ -25,10 +25,6 @@ DEPTH = 4
 IDLE_S = 120.0
 
 
-class StreamClosed(Exception):
-    """The reader went away: the export stops writing (its output is discarded)."""
-
-
 class _Sink:
     """The writable end ``export`` writes to: cuts its output into chunks for the queue."""
 
@@ -64,20 +60,20 @@ class ExportStream:
         self.thread.start()
 
     def _put(self, item: bytes | None) -> None:
+        """Queue ``item``, waiting while the queue is full; once the stream is closed, drop
+        it. The export then runs to its end unread (it cannot be stopped half-way: it
+        waits for its tar and zstd, and zstd for its output to be read), and releases the
+        snapshot's lock."""
         while not self.closed.is_set():
             try:
                 self.q.put(item, timeout=0.5)
                 return
             except queue.Full:
                 continue
-        if item is not None:
-            raise StreamClosed()
 
     def _run(self, run: Callable[[Any], dict[str, Any]]) -> None:
         try:
             self.result = run(_Sink(self))
-        except StreamClosed:
-            pass
         except BaseException as e:  # handed to the reader
             self.error = e
         finally:
@@ -103,6 +99,7 @@ class ExportStream:
         return item
 
     def close(self) -> None:
+        """The reader is gone: what the export still writes is dropped (see ``_put``)."""
         self.closed.set()
         while True:  # unblock a writer waiting on a full queue
             try:
