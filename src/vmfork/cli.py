@@ -564,5 +564,9 @@ from vmfork.image_cli import register as register_images  # noqa: E402
 
 register_images(sys.modules[__name__])  # 'image ...'
 
+from vmfork.fleet_cli import register as register_fleet  # noqa: E402
+
+register_fleet(sys.modules[__name__])  # 'fleet ...' (Ray is imported by a fleet command only)
+
 if __name__ == "__main__":
     main()
