@@ -470,5 +470,9 @@ from vmfork.snapshot_cli import register  # noqa: E402
 
 register(sys.modules[__name__])  # 'snapshot ...', 'tree', 'df'
 
+from vmfork.api.cli import register as register_api  # noqa: E402
+
+register_api(sys.modules[__name__])  # 'serve', 'api-token'
+
 if __name__ == "__main__":
     main()
