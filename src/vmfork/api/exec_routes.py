@@ -254,7 +254,7 @@ def _guest_text(b: bytes) -> str:
                       TAR: {"schema": {"type": "string", "format": "binary"}}},
           "description": "The file's bytes, or a tar stream of a directory."}},
     summary="Read a guest file (or a directory as a tar stream)")
-async def get_file(id: str, path: Annotated[str, Query(min_length=1)], st: Dep) -> Response:
+async def get_file(id: str, path: Annotated[str, Query(min_length=1, max_length=4096, pattern="^/")], st: Dep) -> Response:
     _check_path(path)
     r = await blocking(st, st.mgr.exec, id, ["sh", "-c", _READ, "sh", path], timeout=120,
                        max_output=models.MAX_FILE_BYTES + 1)
@@ -273,7 +273,7 @@ async def get_file(id: str, path: Annotated[str, Query(min_length=1)], st: Dep) 
                 "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
                 TAR: {"schema": {"type": "string", "format": "binary"}}}}},
             summary="Write a guest file (or unpack a tar stream into a directory)")
-async def put_file(id: str, path: Annotated[str, Query(min_length=1)], st: Dep, request: Request) -> Response:
+async def put_file(id: str, path: Annotated[str, Query(min_length=1, max_length=4096, pattern="^/")], st: Dep, request: Request) -> Response:
     _check_path(path)
     parts, size = [], 0
     async for chunk in request.stream():
