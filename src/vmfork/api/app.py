@@ -3,9 +3,11 @@ in a worker thread (the per-instance locks serialise them, against the CLI too).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,6 +24,9 @@ from vmfork.api.metrics import Metrics
 T = TypeVar("T")
 # Worker threads for blocking Manager calls: long execs each hold one while they run.
 THREADS = 256
+# Execs the server runs at once on one instance (the guest agent runs at most 32 commands;
+# a few are left for the CLI): more wait for a slot, in order.
+EXEC_SLOTS = 24
 
 
 class State:
@@ -33,6 +38,15 @@ class State:
         self.metrics = Metrics()
         self.started = time.monotonic()
         self.limiter = anyio.CapacityLimiter(THREADS)
+        self._exec_slots: dict[str, asyncio.Semaphore] = {}
+
+    @contextlib.asynccontextmanager
+    async def exec_slot(self, ref: str) -> AsyncIterator[None]:
+        """One of the instance's EXEC_SLOTS, for the duration of an exec."""
+        iid = (await blocking(self, self.mgr.find, ref)).id
+        sem = self._exec_slots.setdefault(iid, asyncio.Semaphore(EXEC_SLOTS))
+        async with sem:
+            yield
 
 
 def state(request: Request) -> State:

@@ -112,16 +112,17 @@ async def exec_(id: str, body: models.ExecRequest, st: Dep, request: Request,
                 "stderr_dropped": r.stderr_dropped, "encoding": "base64" if binary else "utf-8",
                 "seconds": round(time.monotonic() - t0, 4)}
 
-    task = asyncio.ensure_future(blocking(st, work))
-    while True:
-        done, _ = await asyncio.wait({task}, timeout=0.5)
-        if done:
-            return task.result()
-        if await request.is_disconnected():
-            abort()  # the client is gone: its command is killed in the guest
-            with contextlib.suppress(Exception):
-                await task
-            raise ApiError(400, "invalid", "client disconnected")
+    async with st.exec_slot(id):
+        task = asyncio.ensure_future(blocking(st, work))
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.5)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                abort()  # the client is gone: its command is killed in the guest
+                with contextlib.suppress(Exception):
+                    await task
+                raise ApiError(400, "invalid", "client disconnected")
 
 
 @router.websocket("/instances/{id}/exec/ws")
@@ -189,6 +190,15 @@ async def exec_ws(ws: WebSocket, id: str) -> None:
             with contextlib.suppress(Exception):
                 asyncio.run_coroutine_threadsafe(queue.put(None), loop)
 
+    try:
+        async with st.exec_slot(id):
+            await _stream(ws, st, work, queue, abort, fail)
+    except VmforkError as e:  # the instance is not there
+        await fail(classify(e)[1], str(e))
+
+
+async def _stream(ws: WebSocket, st: State, work: Callable[[], Any], queue: asyncio.Queue[tuple[int, bytes] | None],
+                  abort: _Abort, fail: Callable[[str, str], Any]) -> None:
     task = asyncio.ensure_future(blocking(st, work))
 
     async def watch_client() -> None:
@@ -256,8 +266,9 @@ def _guest_text(b: bytes) -> str:
     summary="Read a guest file (or a directory as a tar stream)")
 async def get_file(id: str, path: Annotated[str, Query(min_length=1, max_length=4096, pattern="^/")], st: Dep) -> Response:
     _check_path(path)
-    r = await blocking(st, st.mgr.exec, id, ["sh", "-c", _READ, "sh", path], timeout=120,
-                       max_output=models.MAX_FILE_BYTES + 1)
+    async with st.exec_slot(id):
+        r = await blocking(st, st.mgr.exec, id, ["sh", "-c", _READ, "sh", path], timeout=120,
+                           max_output=models.MAX_FILE_BYTES + 1)
     if r.exit_code == 44:
         raise ApiError(404, "not_found", f"{_guest_text(r.stderr)} (in the guest)")
     if r.exit_code != 0 or not r.stdout:
@@ -283,8 +294,9 @@ async def put_file(id: str, path: Annotated[str, Query(min_length=1, max_length=
         parts.append(chunk)
     is_tar = request.headers.get("content-type", "").split(";")[0].strip() == TAR
     script = _WRITE_TAR if is_tar else _WRITE_FILE
-    r = await blocking(st, st.mgr.exec, id, ["sh", "-c", script, "sh", path], stdin=b"".join(parts),
-                       timeout=120)
+    async with st.exec_slot(id):
+        r = await blocking(st, st.mgr.exec, id, ["sh", "-c", script, "sh", path], stdin=b"".join(parts),
+                           timeout=120)
     if r.exit_code != 0:
         raise ApiError(400, "invalid", f"writing {path} failed in the guest: {_guest_text(r.stderr)}")
     return Response(status_code=204)
