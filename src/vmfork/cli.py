@@ -44,9 +44,10 @@ def _fail(e: VmforkError) -> NoReturn:
 
 
 class Ctx:
-    def __init__(self, data_dir: Path, quiet: bool) -> None:
+    def __init__(self, data_dir: Path, quiet: bool, host: str | None = None) -> None:
         self.data_dir = data_dir
         self.quiet = quiet
+        self.host = host  # act through a server (vmfork serve) instead of on the data dir
         self._mgr: Any = None
 
     def progress(self, msg: str) -> None:
@@ -56,7 +57,7 @@ class Ctx:
     def data_dir_exists(self) -> bool:
         """For read-only commands, which create nothing: False where there is no data dir
         yet (one-line error where the path is a file or lies under one)."""
-        return DataDir(self.data_dir).exists()
+        return bool(self.host) or DataDir(self.data_dir).exists()
 
     def find(self, name: str) -> Any:
         """The instance NAME, for a read-only command."""
@@ -66,6 +67,10 @@ class Ctx:
 
     @property
     def mgr(self) -> Any:
+        if self._mgr is None and self.host:
+            from vmfork.remote import RemoteManager
+
+            self._mgr = RemoteManager(self.host)
         if self._mgr is None:
             from vmfork.instances import Manager
 
@@ -113,14 +118,18 @@ overcommit_opt = click.option(
 @click.option("--firecracker-bin", type=click.Path(path_type=Path), envvar="VMFORK_FIRECRACKER_BIN",
               default=None, help="The firecracker binary [env VMFORK_FIRECRACKER_BIN; default: .tools/bin of the project "
                    "(make setup), else PATH].")
+@click.option("--host", envvar="VMFORK_HOST", default=None,
+              help="Act through a vmfork server: its unix socket path or http://HOST:PORT (token: env VMFORK_TOKEN) "
+                   "[env VMFORK_HOST; default: directly on the data dir].")
 @click.version_option(__version__, prog_name="vmfork")
 @click.pass_context
-def main(ctx: click.Context, data_dir: Path | None, quiet: bool, firecracker_bin: Path | None) -> None:
+def main(ctx: click.Context, data_dir: Path | None, quiet: bool, firecracker_bin: Path | None,
+         host: str | None) -> None:
     """vmfork: boot microVMs, put them in standby, restore and fork them copy-on-write."""
     if firecracker_bin is not None:
         os.environ["VMFORK_FIRECRACKER_BIN"] = str(firecracker_bin.absolute())
     os.umask(PRIVATE_UMASK)  # what vmfork and its VMMs create is the owner's only
-    ctx.obj = Ctx((data_dir or default_data_dir()).absolute(), quiet)
+    ctx.obj = Ctx((data_dir or default_data_dir()).absolute(), quiet, host or None)
 
 
 pass_ctx = click.make_pass_decorator(Ctx)

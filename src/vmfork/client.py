@@ -86,6 +86,10 @@ class TooLargeError(APIError):
     pass
 
 
+class UnreachableError(APIError):
+    """No answer from the server (not running, wrong host, connection lost)."""
+
+
 ERRORS: dict[str, type[APIError]] = {
     "invalid": InvalidError, "unsupported": InvalidError, "not_found": NotFoundError,
     "already_exists": AlreadyExistsError, "wrong_state": WrongStateError, "busy": BusyError,
@@ -103,6 +107,10 @@ def raise_for_problem(resp: httpx.Response) -> None:
     except (ValueError, AttributeError):
         body, code, detail = {}, "internal", resp.text[:500]
     raise ERRORS.get(code, APIError)(resp.status_code, code, detail, body)
+
+
+def _unreachable(where: str, e: Exception) -> UnreachableError:
+    return UnreachableError(0, "unreachable", f"cannot reach the vmfork server at {where}: {e or type(e).__name__}")
 
 
 def _default_host() -> str:
@@ -159,7 +167,10 @@ class Client:
         self.http.close()
 
     def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
-        resp = self.http.request(method, path, **kw)
+        try:
+            resp = self.http.request(method, path, **kw)
+        except httpx.TransportError as e:
+            raise _unreachable(self.uds or self.base_url, e) from None
         raise_for_problem(resp)
         return resp
 
@@ -369,7 +380,10 @@ class AsyncClient:
         await self.http.aclose()
 
     async def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
-        resp = await self.http.request(method, path, **kw)
+        try:
+            resp = await self.http.request(method, path, **kw)
+        except httpx.TransportError as e:
+            raise _unreachable(str(self.http.base_url), e) from None
         raise_for_problem(resp)
         return resp
 

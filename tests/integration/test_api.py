@@ -386,6 +386,22 @@ def test_load_fifty_clients_while_forks_and_standbys_run(server: Server, box: ob
                   f"p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms, max {lat[-1] * 1000:.0f} ms")
 
 
+def test_cli_through_the_server(built: CLI, server: Server, box: object) -> None:
+    """`vmfork --host SOCKET ...` acts through the server (VMFORK_HOST too)."""
+    host = ("--host", str(server.sock))
+    rows = json.loads(built(*host, "ps", "--json").stdout)
+    assert "api-box" in {r["name"] for r in rows}
+    r = built(*host, "exec", "-i", "api-box", "--", "sh", "-c", "cat; echo err >&2; exit 5", check=False,
+              input=b"in\n")
+    assert (r.returncode, r.stdout, r.stderr) == (5, b"in\n", b"err\n"), r
+    r = built("inspect", "no-such", "--json", check=False, env={"VMFORK_HOST": str(server.sock)})
+    assert r.returncode == 3 and b"not found" in r.stderr
+    d = json.loads(built(*host, "inspect", "api-box", "--json").stdout)
+    assert d["name"] == "api-box" and d["state"] == "running"
+    r = built("--host", str(server.data_dir / "nothing.sock"), "ps", check=False)
+    assert r.returncode == 1 and b"cannot reach the vmfork server" in r.stderr, r
+
+
 def test_sigterm_leaves_guests_running(built: CLI, server: Server, box: object) -> None:
     """Last in this module: a second server on the data dir is refused; SIGTERM stops the
     session server cleanly (socket removed) and the guest it served keeps running."""
