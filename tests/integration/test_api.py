@@ -386,6 +386,25 @@ def test_load_fifty_clients_while_forks_and_standbys_run(server: Server, box: ob
                   f"p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms, max {lat[-1] * 1000:.0f} ms")
 
 
+def test_async_client(server: Server, box: object) -> None:
+    import asyncio
+
+    import vmfork
+    from vmfork.client import NotFoundError
+
+    async def main() -> list[str]:
+        async with vmfork.AsyncClient(str(server.sock)) as c:
+            inst = await c.instances.get("api-box")
+            rs = await asyncio.gather(*(inst.exec(["echo", str(i)]) for i in range(4)))
+            with pytest.raises(NotFoundError):
+                await c.instances.get("nope")
+            await inst.write_file("/root/async.txt", b"async")
+            assert await inst.read_file("/root/async.txt") == b"async"
+            return [r.stdout for r in rs]
+
+    assert asyncio.run(main()) == [f"{i}\n" for i in range(4)]
+
+
 def test_cli_through_the_server(built: CLI, server: Server, box: object) -> None:
     """`vmfork --host SOCKET ...` acts through the server (VMFORK_HOST too)."""
     host = ("--host", str(server.sock))
