@@ -114,15 +114,19 @@ async def exec_(id: str, body: models.ExecRequest, st: Dep, request: Request,
 
     async with st.exec_slot(id):
         task = asyncio.ensure_future(blocking(st, work))
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=0.5)
-            if done:
-                return task.result()
-            if await request.is_disconnected():
-                abort()  # the client is gone: its command is killed in the guest
-                with contextlib.suppress(Exception):
-                    await task
-                raise ApiError(400, "invalid", "client disconnected")
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=0.5)
+                if done:
+                    return task.result()
+                if await request.is_disconnected():
+                    abort()  # the client is gone: its command is killed in the guest
+                    with contextlib.suppress(Exception):
+                        await task
+                    raise ApiError(400, "invalid", "client disconnected")
+        except asyncio.CancelledError:
+            abort()  # the server is shutting down and gave up waiting for it
+            raise
 
 
 @router.websocket("/instances/{id}/exec/ws")

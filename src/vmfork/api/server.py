@@ -1,8 +1,10 @@
 """``vmfork serve``: uvicorn on ``<data-dir>/vmfork.sock`` (0600) and optionally TCP.
 
-SIGTERM/SIGINT: uvicorn stops accepting and waits for the requests in flight (each a
-Manager call that finishes or rolls back on its own); guests keep running, they are
-separate processes.
+SIGTERM/SIGINT: uvicorn stops accepting and waits up to SHUTDOWN_S for the requests in
+flight; WebSocket execs are closed (their commands killed), and what is still running then
+is cancelled: an exec's command is killed, a Manager call already in its worker thread runs
+to its end (the process exits after it), and each of those is crash-safe anyway (the
+Manager's recovery finishes or undoes it). Guests keep running: they are separate processes.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 from vmfork.errors import AlreadyExists, InvalidArgument
 
 SOCKET_NAME = "vmfork.sock"
+SHUTDOWN_S = 30
 
 
 def socket_path(data_dir: Path) -> Path:
@@ -94,15 +97,14 @@ def serve(data_dir: Path, *, listen: str | None = None, rotate_token: bool = Fal
             sockets.append(tcp)
             say(f"listening on http://{host}:{tcp.getsockname()[1]} (bearer token in {token_path(data_dir)})")
         config = uvicorn.Config(app, log_level=os.environ.get("VMFORK_SERVE_LOG", "warning"),
-                                timeout_graceful_shutdown=None, ws_max_size=16 << 20, lifespan="off")
-        # uvicorn re-raises the signal that stopped it once it is done: ours ends the process
-        # through the ExitStack (the socket file goes), not at once.
+                                timeout_graceful_shutdown=SHUTDOWN_S, ws_max_size=16 << 20, lifespan="off")
+        # uvicorn re-raises the signal that stopped it once it is done: ours lets run() return,
+        # so that the ExitStack removes the socket file and the process exits 0.
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, _exit_on_signal)
-        with contextlib.suppress(SystemExit):
-            uvicorn.Server(config).run(sockets=sockets)
+            signal.signal(sig, _stopped)
+        uvicorn.Server(config).run(sockets=sockets)
     say("stopped")
 
 
-def _exit_on_signal(signum: int, _frame: object) -> None:
-    raise SystemExit(128 + signum)
+def _stopped(_signum: int, _frame: object) -> None:
+    """The signal uvicorn handled, raised again once it stopped: nothing more to do."""
