@@ -323,7 +323,7 @@ def test_fuzz_every_endpoint_against_the_openapi_document(built: CLI, tmp_path: 
                             cwd=tmp_path)
         assert r2.returncode == 0, r2.stdout[-6000:]
         assert not list((s.data_dir / "guests").iterdir())
-        cases = [line for line in (r.stdout + r2.stdout).splitlines() if "generated" in line]
+        cases = [line for line in (r.stdout + r2.stdout).splitlines() if "generated," in line]
         report.append(f"API fuzzing: {'; '.join(c.strip() for c in cases)} in {time.monotonic() - t0:.0f}s")
     finally:
         stop_server(s)
