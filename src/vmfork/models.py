@@ -46,6 +46,9 @@ class CreateInstance(_Body):
     pids_limit: int | None = Field(default=None, ge=1, le=1 << 22)
     io_weight: int | None = Field(default=None, ge=1, le=10000)
     overcommit: bool = False
+    auto_standby: float | None = Field(default=None, ge=1, le=30 * 86400, description=(
+        "Seconds without activity (exec, files) after which the server puts the instance in standby; "
+        "an exec or file transfer then restores it first."))
     env: dict[str, str] | None = Field(default=None, description="Not supported yet: refused if given.")
     publish: list[str] | None = Field(default=None, description="Not supported yet (networking): refused if given.")
 
@@ -64,6 +67,7 @@ class Instance(BaseModel):
     created_at: str
     parent: str | None = None
     last_exit: str | None = None
+    auto_standby: float | None = Field(default=None, description="Idle seconds before auto-standby, if set.")
     seconds: float | None = Field(default=None, description="How long the operation took.")
 
 

@@ -405,6 +405,31 @@ def test_async_client(server: Server, box: object) -> None:
     assert asyncio.run(main()) == [f"{i}\n" for i in range(4)]
 
 
+def test_auto_standby_and_wake_on_use(server: Server, report: list[str]) -> None:
+    """An instance created with auto_standby goes to standby once idle; an exec then restores
+    it first and runs (the client only sees a slower exec)."""
+    c = server.client()
+    inst = c.instances.run("api-idle", memory="256M", auto_standby=3)  # type: ignore[attr-defined]
+    try:
+        assert inst.info.auto_standby == 3
+        assert inst.exec("echo $((6*7)) > /root/kept").exit_code == 0
+        w = inst.wait("standby", timeout=120)
+        assert w.reached, w
+        t0 = time.monotonic()
+        r = inst.exec("cat /root/kept")
+        wake_exec = time.monotonic() - t0
+        assert r.stdout == "42\n"  # its RAM and disk came back with it
+        assert c.instances.get("api-idle").state == "running"  # type: ignore[attr-defined]
+        t0 = time.monotonic()
+        inst.exec("true")
+        warm_exec = time.monotonic() - t0
+        assert 'vmfork_operation_seconds_count{operation="standby",outcome="ok"}' in c.metrics()  # type: ignore[attr-defined]
+        report.append(f"API auto-standby: exec on an idle instance in standby {wake_exec * 1000:.0f} ms "
+                      f"(restore included) vs {warm_exec * 1000:.0f} ms running (TCG)")
+    finally:
+        inst.delete()
+
+
 def test_cli_through_the_server(built: CLI, server: Server, box: object) -> None:
     """`vmfork --host SOCKET ...` acts through the server (VMFORK_HOST too)."""
     host = ("--host", str(server.sock))

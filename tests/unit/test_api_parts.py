@@ -117,6 +117,8 @@ def test_app_in_process(tmp_path: Path) -> None:
         assert r.json()["code"] == "not_found"
         r = c.post("/instances", json={"name": "ok", "vcpus": 0})
         assert r.status_code == 400 and r.json()["code"] == "invalid" and "vcpus" in r.json()["detail"]
+        r = c.post("/instances", json={"name": "ok", "auto_standby": 0.5})
+        assert r.status_code == 400 and "auto_standby" in r.json()["detail"]
         r = c.post("/instances", json={"name": "ok", "publish": ["8080:80"]})
         assert r.status_code == 400 and "publish" in r.json()["detail"]
         assert "vmfork_instances" in c.get("/metrics").text
@@ -137,3 +139,15 @@ def test_tcp_needs_the_token(tmp_path: Path) -> None:
         assert r.status_code == 401 and r.json()["code"] == "unauthorized"
         assert r.headers["www-authenticate"] == "Bearer"
 
+
+
+def test_auto_standby_settings_persist(tmp_path: Path) -> None:
+    from vmfork.api.idle import AutoStandby
+
+    a = AutoStandby(tmp_path)
+    assert a.settings() == {}
+    a.set("abc", 30)
+    assert AutoStandby(tmp_path).settings() == {"abc": 30.0}  # a restarted server reads them
+    assert stat.S_IMODE((tmp_path / "api").stat().st_mode) == 0o700
+    a.set("abc", None)
+    assert AutoStandby(tmp_path).settings() == {}

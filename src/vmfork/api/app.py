@@ -38,6 +38,9 @@ class State:
         self.metrics = Metrics()
         self.started = time.monotonic()
         self.limiter = anyio.CapacityLimiter(THREADS)
+        from vmfork.api.idle import AutoStandby
+
+        self.auto = AutoStandby(data_dir)
         self._exec_slots: dict[str, asyncio.Semaphore] = {}
 
     @contextlib.asynccontextmanager
@@ -108,6 +111,16 @@ def create_app(data_dir: Path) -> FastAPI:
                     "stable `code`.",
     )
     st = State(data_dir)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        monitor = asyncio.ensure_future(st.auto.run(st))  # auto-standby of idle instances
+        try:
+            yield
+        finally:
+            monitor.cancel()
+
+    app.router.lifespan_context = lifespan
     app.state.vmfork = st
     problems.install(app)
     app.include_router(service.router)

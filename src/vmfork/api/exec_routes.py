@@ -112,7 +112,7 @@ async def exec_(id: str, body: models.ExecRequest, st: Dep, request: Request,
                 "stderr_dropped": r.stderr_dropped, "encoding": "base64" if binary else "utf-8",
                 "seconds": round(time.monotonic() - t0, 4)}
 
-    async with st.exec_slot(id):
+    async with st.auto.activity(st, id), st.exec_slot(id):
         task = asyncio.ensure_future(blocking(st, work))
         try:
             while True:
@@ -195,7 +195,7 @@ async def exec_ws(ws: WebSocket, id: str) -> None:
                 asyncio.run_coroutine_threadsafe(queue.put(None), loop)
 
     try:
-        async with st.exec_slot(id):
+        async with st.auto.activity(st, id), st.exec_slot(id):
             await _stream(ws, st, work, queue, abort, fail)
     except VmforkError as e:  # the instance is not there
         await fail(classify(e)[1], str(e))
@@ -270,7 +270,7 @@ def _guest_text(b: bytes) -> str:
     summary="Read a guest file (or a directory as a tar stream)")
 async def get_file(id: str, path: Annotated[str, Query(min_length=1, max_length=4096, pattern="^/")], st: Dep) -> Response:
     _check_path(path)
-    async with st.exec_slot(id):
+    async with st.auto.activity(st, id), st.exec_slot(id):
         r = await blocking(st, st.mgr.exec, id, ["sh", "-c", _READ, "sh", path], timeout=120,
                            max_output=models.MAX_FILE_BYTES + 1)
     if r.exit_code == 44:
@@ -298,7 +298,7 @@ async def put_file(id: str, path: Annotated[str, Query(min_length=1, max_length=
         parts.append(chunk)
     is_tar = request.headers.get("content-type", "").split(";")[0].strip() == TAR
     script = _WRITE_TAR if is_tar else _WRITE_FILE
-    async with st.exec_slot(id):
+    async with st.auto.activity(st, id), st.exec_slot(id):
         r = await blocking(st, st.mgr.exec, id, ["sh", "-c", script, "sh", path], stdin=b"".join(parts),
                            timeout=120)
     if r.exit_code != 0:

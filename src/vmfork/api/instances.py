@@ -27,6 +27,7 @@ IdPath = Annotated[str, "id or name"]
 
 def view(st: State, inst: Any, *, detail: bool = False, seconds: float | None = None) -> dict[str, Any]:
     d = st.mgr.describe(inst, detail=detail)
+    d["auto_standby"] = st.auto.settings().get(inst.id)
     if seconds is not None:
         d["seconds"] = round(seconds, 4)
     return d
@@ -56,6 +57,8 @@ async def create_instance(body: models.CreateInstance, st: Dep) -> dict[str, Any
         with st.metrics.timed("run"):
             inst = st.mgr.run(body.name, memory_mib=memory_mib, vcpus=body.vcpus, hypervisor=body.hypervisor,
                               accel=body.accel, limits=limits, overcommit=body.overcommit)
+        if body.auto_standby is not None:
+            st.auto.set(inst.id, body.auto_standby)
         return view(st, inst, seconds=time.monotonic() - t0)
 
     return await blocking(st, work)

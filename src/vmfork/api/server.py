@@ -97,7 +97,7 @@ def serve(data_dir: Path, *, listen: str | None = None, rotate_token: bool = Fal
             sockets.append(tcp)
             say(f"listening on http://{host}:{tcp.getsockname()[1]} (bearer token in {token_path(data_dir)})")
         config = uvicorn.Config(app, log_level=os.environ.get("VMFORK_SERVE_LOG", "warning"),
-                                timeout_graceful_shutdown=SHUTDOWN_S, ws_max_size=16 << 20, lifespan="off")
+                                timeout_graceful_shutdown=SHUTDOWN_S, ws_max_size=16 << 20, lifespan="on")
         # uvicorn re-raises the signal that stopped it once it is done: ours lets run() return,
         # so that the ExitStack removes the socket file and the process exits 0.
         for sig in (signal.SIGTERM, signal.SIGINT):
