@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PKGS=(qemu-system-x86 qemu-utils busybox-static xfsprogs btrfs-progs e2fsprogs cpio musl-tools
-      lz4 zstd xz-utils binutils util-linux ca-certificates)
+      lz4 zstd xz-utils binutils util-linux ca-certificates iproute2 nftables)
 
 missing=()
 for p in "${PKGS[@]}"; do

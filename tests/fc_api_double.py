@@ -141,6 +141,7 @@ FIELDS = {
     "drive": ({"drive_id", "is_root_device"}, {"path_on_host", "is_read_only", "cache_type", "partuuid",
                                                "rate_limiter", "io_engine", "socket"}),
     "vsock": ({"guest_cid", "uds_path"}, {"vsock_id"}),
+    "network-interface": ({"iface_id", "host_dev_name"}, {"guest_mac", "rx_rate_limiter", "tx_rate_limiter"}),
     "serial": (set(), {"serial_out_path", "rate_limiter"}),
     "actions": ({"action_type"}, set()),
     "vm": ({"state"}, set()),
@@ -296,6 +297,8 @@ class FakeFirecracker:
             return self._drive(path.split("/")[2], _check_fields("drive", body))
         if method == "PUT" and path == "/vsock":
             return self._vsock(_check_fields("vsock", body))
+        if method == "PUT" and path.startswith("/network-interfaces/") and path.count("/") == 2:
+            return self._nic(path.split("/")[2], _check_fields("network-interface", body))
         if method == "PUT" and path == "/serial" and _version_tuple(self.version) >= (1, 14):
             return self._serial(_check_fields("serial", body))
         if method == "PUT" and path in ("/logger", "/metrics"):
@@ -344,6 +347,13 @@ class FakeFirecracker:
                         fatal=fatal) from None
         self.drive_fds[drive_id] = fd
         self._opened(f"drive {drive_id}", path)
+
+    def _nic(self, iface_id: str, b: dict[str, Any]) -> None:
+        """Recorded only: the double opens no TAP (the real binary's test does)."""
+        self._preboot()
+        self.boot_path = True
+        if b["iface_id"] != iface_id:
+            raise Fault(f"The id from the path [{iface_id}] does not match the id from the body [{b['iface_id']}]!")
 
     def _drive(self, drive_id: str, b: dict[str, Any]) -> None:
         self._preboot()

@@ -146,20 +146,33 @@ pass_ctx = click.make_pass_decorator(Ctx)
 @click.option("--memory-limit", default=None, help="Memory limit of the VMM [default: guest RAM + overhead].")
 @click.option("--pids-limit", type=int, default=None, help="Threads/processes limit of the VMM [default: 256].")
 @click.option("--io-weight", type=int, default=None, help="I/O weight of the VMM, 1-10000 [default: the host's].")
+@click.option("--network", "net_mode", default=None,
+              help="none, or default: own namespace and address, NAT (needs root) "
+                   "[default: default with -p/--egress/--allow/--subnet, else none].")
+@click.option("-p", "--publish", multiple=True, help="[HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|udp] (repeatable).")
+@click.option("--egress", default="allow", show_default=True, help="allow or deny the guest's outgoing traffic.")
+@click.option("--allow", "allow_nets", multiple=True, help="With --egress deny: a CIDR the guest may reach (repeatable).")
+@click.option("--subnet", default=None, help="Pool of host-side addresses [default: the data dir's, else 10.213.0.0/16].")
 @overcommit_opt
 @json_opt
 @pass_ctx
 def run(c: Ctx, name: str, memory: str, vcpus: int, hypervisor: str, accel: str, cpus: float | None,
-        memory_limit: str | None, pids_limit: int | None, io_weight: int | None, overcommit: bool,
+        memory_limit: str | None, pids_limit: int | None, io_weight: int | None, net_mode: str | None,
+        publish: tuple[str, ...], egress: str, allow_nets: tuple[str, ...], subnet: str | None, overcommit: bool,
         as_json: bool) -> None:
     """Create instance NAME and boot it; returns once its guest agent answers."""
     util.validate_name(name)
+    from vmfork.network.spec import build as net_spec
+
+    if net_mode is None:  # asking for ports or a policy asks for a network
+        net_mode = "default" if (publish or allow_nets or egress != "allow" or subnet) else "none"
+    network = net_spec(net_mode, publish, egress, allow_nets, subnet)
     memory_mib = util.parse_memory(memory)
     limits = {"cpus": cpus, "pids": pids_limit, "io_weight": io_weight,
               "memory_limit_mib": util.parse_size(memory_limit, "memory limit") >> 20 if memory_limit else None}
     t0 = time.monotonic()
     inst = c.mgr.run(name, memory_mib=memory_mib, vcpus=vcpus, hypervisor=hypervisor, accel=accel, limits=limits,
-                     overcommit=overcommit)
+                     overcommit=overcommit, network=network)
     secs = time.monotonic() - t0
     d = c.mgr.describe(inst) | {"seconds": round(secs, 3)}
     _emit(as_json, d, lambda: out.print(f"{inst.name} ({inst.id}) running, {inst.accel}, ready in {secs:.2f}s"))
@@ -254,12 +267,19 @@ def resume(c: Ctx, name: str, overcommit: bool, as_json: bool) -> None:
               help="State of the fork [default: the source's state].")
 @click.option("--count", type=int, default=None, help="Make N forks, NAME-1 ... NAME-N, in one pass (1 to 100).")
 @click.option("--partial", is_flag=True, help="With --count: keep the forks that succeeded if some fail.")
+@click.option("-p", "--publish", multiple=True,
+              help="Publish a port of the fork: [HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|udp] (not inherited).")
 @overcommit_opt
 @json_opt
 @pass_ctx
 def fork(c: Ctx, source: str, name: str, from_running: bool, target_state: str | None, count: int | None,
-         partial: bool, overcommit: bool, as_json: bool) -> None:
+         partial: bool, publish: tuple[str, ...], overcommit: bool, as_json: bool) -> None:
     """Fork SOURCE into a new instance NAME (copy-on-write clone of its snapshot)."""
+    from vmfork.network.spec import build as net_spec
+
+    ports = net_spec("default", publish).publish
+    if ports and count is not None:
+        raise InvalidArgument("-p goes with a single fork, not --count (host ports would collide)")
     if count is not None:
         from vmfork.snapshot_cli import forks_out
 
@@ -270,7 +290,7 @@ def fork(c: Ctx, source: str, name: str, from_running: bool, target_state: str |
     if partial:
         raise InvalidArgument("--partial goes with --count")
     inst, t = c.mgr.fork(source, name, from_running=from_running, target_state=target_state,
-                         overcommit=overcommit)
+                         overcommit=overcommit, publish=ports)
     d = c.mgr.describe(inst) | {"timings": t}
     _emit(as_json, d, lambda: out.print(
         f"{inst.name} ({inst.id}) forked from {source}: {d['state']}, clone {t['clone_s'] * 1000:.1f} ms "

@@ -93,6 +93,10 @@ def run_checks(data_dir: Path, progress: Callable[[str], None]) -> dict[str, Any
 
     for name, status, detail in confine_checks(probe, None if problem else qemu.binary):  # scratch files removed
         add(name, status, detail)
+    from vmfork.network import doctor_checks as network_checks
+
+    for name, status, detail in network_checks():
+        add(name, status, detail)
     add("cache dir", "info", str(cache_dir()))
     return {"checks": checks, "accel": accel, "reflink": reflink, "filesystem": fs,
             "data_dir": str(dd.root)}

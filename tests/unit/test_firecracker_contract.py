@@ -972,3 +972,24 @@ def test_live_snapshot_pauses_writes_full_and_resumes(env: Env, validator: SpecV
     assert tail == [("PATCH", "/vm", 204), ("PUT", "/snapshot/create", 204), ("PATCH", "/vm", 204)]
     assert contract_errors(validator, env.log) == []
     env.hv.quit(g, proc)
+
+
+def test_a_guest_with_a_nic_gets_its_tap_before_boot_and_nothing_on_load(env: Env, validator: SpecValidator) -> None:
+    """vmfork.network: ``PUT /network-interfaces/eth0`` (the TAP's fixed name, the guest's fixed
+    MAC) before InstanceStart, checked against the spec; a restore overrides nothing, since
+    the TAP has the same name in every instance's namespace."""
+    g = env.guest("src000000001")
+    cfg = env.cfg("src000000001")
+    cfg.tap, cfg.mac = "tap0", "06:00:ac:10:00:02"
+    proc = env.hv.boot(g, cfg, env.image)
+    env.standby(g, cfg, proc)
+    env.restore(g, cfg)
+    reqs = env.records()
+    paths = [(r["method"], r["path"]) for r in reqs]
+    nic = paths.index(("PUT", "/network-interfaces/eth0"))
+    assert nic < paths.index(("PUT", "/actions"))
+    assert reqs[nic]["body"] == {"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:ac:10:00:02"}
+    load = next(r["body"] for r in reqs if r["path"] == "/snapshot/load")
+    assert "network_overrides" not in load
+    assert all(r["status"] < 400 for r in reqs)
+    assert contract_errors(validator, env.log) == []

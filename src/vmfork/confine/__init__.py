@@ -109,9 +109,9 @@ class Plan:
 
 
 def write_plan(g: GuestDir, *, data_dir: Path, iid: str, uid: int, limits: Limits, hypervisor: str,
-               accel: str, ro_dirs: list[Path]) -> Plan:
-    """Write ``run/confine.json`` for the next VMM of this guest."""
-    devices = list(("null", "zero", "full", "random", "urandom"))
+               accel: str, ro_dirs: list[Path], tun: bool = False) -> Plan:
+    """Write ``run/confine.json`` for the next VMM of this guest (``tun``: it opens its TAP)."""
+    devices = list(("null", "zero", "full", "random", "urandom")) + (["net/tun"] if tun else [])
     groups: list[int] = []
     if accel == "kvm" or hypervisor == "firecracker":
         devices.append("kvm")
@@ -208,9 +208,9 @@ def mountpoint(data_dir: Path) -> Path:
     return p
 
 
-def starter(g: GuestDir, hypervisor: str, argv0: str, inner: Any) -> Any:
+def starter(g: GuestDir, hypervisor: str, argv0: str, inner: Any, netns: str = "") -> Any:
     """``inner`` (a Popen-like starter) wrapped to start the VMM confined by this guest's
-    plan; None when the guest has no plan."""
+    plan (in network namespace ``netns`` if given); None when the guest has no plan."""
     plan = load_plan(g)
     if plan is None:
         return None
@@ -236,6 +236,7 @@ def starter(g: GuestDir, hypervisor: str, argv0: str, inner: Any) -> Any:
         procs_files=tuple(str(p) for p in cgroups.procs_files(h, plan.group)),
         root_links=links, root_dirs=dirs,
         ro_files=tuple(f for f in ("/etc/ld.so.cache",) if os.path.exists(f)),
+        netns=netns, new_net=not netns,
     )
     setup = child_setup(spec)
     base = inner

@@ -6,7 +6,8 @@ it is the only thread of its process (unshare of the mount namespace needs that)
 
 1. join the instance's cgroups (``0`` into each ``cgroup.procs``), so every page and thread
    of the VMM is counted from its first instruction;
-2. ``unshare`` a mount, IPC and (unless the instance has a network to join) network namespace;
+2. join the instance's network namespace (``setns``, if it has a network), else ``unshare``
+   a new empty one; ``unshare`` a mount and IPC namespace;
 3. mark every mount private, build a small root on a fresh tmpfs: ``/usr`` (and the
    ``/lib*``, ``/bin`` links of a merged-/usr host) read-only, a few device nodes, a
    ``/proc`` that shows only this uid's processes, and bind mounts, *at their host paths*, of
@@ -26,8 +27,10 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWIPC = 0x08000000
@@ -45,6 +48,7 @@ PR_SET_NO_NEW_PRIVS = 38
 _NR_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}
 
 DEVICES = ("null", "zero", "full", "random", "urandom")
+TUN = "net/tun"  # made anew for the VMM's uid, not bound (see ``tun_node``)
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,7 @@ class Spec:
     root_links: dict[str, str] = field(default_factory=dict)
     root_dirs: tuple[str, ...] = ()
     ro_files: tuple[str, ...] = ()  # single files bound read-only (ld.so.cache)
+    netns: str = ""  # a network namespace (/run/netns/<name>) to join instead of a new one
 
 
 def host_root_entries() -> tuple[dict[str, str], tuple[str, ...]]:
@@ -90,12 +95,42 @@ class _Libc:
         self.prctl = libc.prctl
         self.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
         self.syscall = libc.syscall
+        self.setns = libc.setns
+        self.setns.argtypes = [ctypes.c_int, ctypes.c_int]
 
 
 def _check(rc: int, what: str) -> None:
     if rc != 0:
         e = ctypes.get_errno()
         raise OSError(e, f"{what}: {os.strerror(e)}")
+
+
+def _setns(libc: _Libc, name: str) -> None:
+    fd = os.open(f"/run/netns/{name}", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _check(libc.setns(fd, CLONE_NEWNET), f"setns into network namespace {name}")
+    finally:
+        os.close(fd)
+
+
+def join_netns(name: str, inner: Any) -> Any:
+    """A Popen-like starter (wrapping ``inner``, or ``subprocess.Popen``) whose child joins
+    network namespace ``name`` before exec: an unconfined VMM with a network."""
+    import subprocess
+
+    libc = _Libc()
+
+    def setup() -> None:
+        try:
+            _setns(libc, name)
+        except OSError as e:
+            os.write(2, f"vmfork: {e.strerror or e}\n".encode())
+            raise
+
+    def start(args: list[str], **kw: Any) -> Any:
+        return (inner or subprocess.Popen)(args, preexec_fn=setup, **kw)
+
+    return start
 
 
 def child_setup(spec: Spec) -> Callable[[], None]:
@@ -120,6 +155,17 @@ def child_setup(spec: Spec) -> Callable[[], None]:
             os.close(os.open(dst, os.O_CREAT | os.O_WRONLY, 0o600))
         return dst
 
+    def tun_node(root: str) -> None:
+        """``/dev/net/tun`` for the VMM's uid, which opens its TAP by name (Firecracker
+        always): a node of its own (as Firecracker's jailer makes), on a small tmpfs of its
+        own (the root is nodev), owned by the VMM's uid; the host's node (often 0600 root)
+        is not touched. The TAP itself is owned by that uid (``ip tuntap add ... user``)."""
+        st = os.stat("/dev/net/tun")
+        d = target(root, "/dev/net", is_dir=True)
+        mount("tmpfs", d, "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=0755,size=4k,nr_inodes=8")
+        os.mknod(f"{d}/tun", stat.S_IFCHR | 0o600, st.st_rdev)
+        os.chown(f"{d}/tun", spec.uid, spec.gid)
+
     def setup() -> None:
         umask = os.umask(0o022)  # the minimal tree must be traversable by the VMM's uid
         try:
@@ -129,6 +175,8 @@ def child_setup(spec: Spec) -> Callable[[], None]:
                     os.write(fd, b"0")
                 finally:
                     os.close(fd)
+            if spec.netns:
+                _setns(libc, spec.netns)
             flags = CLONE_NEWNS | CLONE_NEWIPC | (CLONE_NEWNET if spec.new_net else 0)
             _check(libc.unshare(flags), "unshare")
             mount(None, "/", None, MS_REC | MS_PRIVATE)
@@ -142,6 +190,9 @@ def child_setup(spec: Spec) -> Callable[[], None]:
             for f in spec.ro_files:
                 bind(f, target(root, f, is_dir=False), ro=True)
             for dev in spec.devices:
+                if dev == TUN:
+                    tun_node(root)
+                    continue
                 bind(f"/dev/{dev}", target(root, f"/dev/{dev}", is_dir=False), ro=False, dev=True)
             proc = target(root, "/proc", is_dir=True)
             try:

@@ -49,6 +49,10 @@ class VMConfig:
     id: str = ""  # the instance's id (names the VMM process); set anew for a fork
     cid: int = 0  # the guest's vsock context id (Firecracker)
     mac: str = ""  # the guest NIC's MAC address (none yet)
+    # The guest NIC (vmfork.network): the TAP to attach it to ("" = no NIC) and the network
+    # namespace the VMM runs in (it holds the TAP; the same TAP name in every namespace).
+    tap: str = ""
+    netns: str = ""
     # Written by the backend into a snapshot's config: the VMM's snapshot data format version
     # and the kind of snapshot (Firecracker: "Full" or "Diff").
     snapshot_version: str = ""
@@ -88,17 +92,23 @@ Starter = Callable[..., "subprocess.Popen[bytes]"]
 
 
 def spawn_vmm(g: GuestDir, argv: list[str], hypervisor: str, *, pass_fds: tuple[int, ...] = (),
-              start: Starter | None = None) -> ProcRef:
+              start: Starter | None = None, netns: str = "") -> ProcRef:
     """Start a VMM detached (own session) in the guest dir, its output appended to
     ``logs/vmm.log``, and record it in ``run/vmm.json`` (pid + start time, and its
     supervisor: a shell that records how it ends in ``run/vmm-exit``, see ``supervisor``).
 
     ``start`` replaces ``subprocess.Popen`` (same arguments), e.g. to add a seccomp filter.
+    With ``netns`` the VMM (and its supervisor) run in that network namespace (``/run/netns/``).
     """
     g.ensure_dirs()
     from vmfork.confine import starter  # the guest's confinement plan, if it has one
 
-    start = starter(g, hypervisor, argv[0], start) or start
+    confined = starter(g, hypervisor, argv[0], start, netns=netns)
+    if confined is None and netns:
+        from vmfork.confine.launch import join_netns
+
+        start = join_netns(netns, start)
+    start = confined or start
     with open(os.open(g.vmm_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, PRIVATE_FILE), "ab") as log:
         log.write(f"--- {' '.join(argv)}\n".encode())
         log.flush()

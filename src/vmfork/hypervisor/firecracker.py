@@ -178,7 +178,7 @@ class FirecrackerHypervisor(Hypervisor):
         for rel in (API_SOCK, VSOCK_UDS):
             (g.path / rel).unlink(missing_ok=True)
         argv = [self.binary, "--api-sock", API_SOCK, "--id", f"vmfork-{cfg.id or 'probe'}"]
-        proc = spawn_vmm(g, argv, self.name)
+        proc = spawn_vmm(g, argv, self.name, netns=cfg.netns)
         return proc
 
     def _api(self, g: GuestDir, timeout: float = CONFIG_TIMEOUT) -> FirecrackerAPI:
@@ -251,6 +251,8 @@ class FirecrackerHypervisor(Hypervisor):
                 api.put_drive("root", path_on_host=_abs(image.rootfs), is_root_device=False, is_read_only=True)
                 api.put_drive("data", path_on_host=DATA_DISK, is_root_device=False, is_read_only=False)
                 api.put_vsock(guest_cid=cid, uds_path=VSOCK_UDS)
+                if cfg.tap:  # the same TAP name in every instance's namespace: nothing to override on load
+                    api.put_network_interface("eth0", host_dev_name=cfg.tap, guest_mac=cfg.mac or None)
                 api.instance_start()
         except HypervisorError as e:
             raise self._fail(g, proc, "Firecracker did not start the VM", e) from None

@@ -111,6 +111,9 @@ class QemuHypervisor(Hypervisor):
             "-drive", "file=disk.raw,format=raw,if=none,id=data,discard=unmap",
             "-device", "virtio-blk-device,drive=data",
         ]
+        if cfg.tap:  # the TAP is in the namespace QEMU runs in (vmfork.network)
+            args += ["-netdev", f"tap,id=net0,ifname={cfg.tap},script=no,downscript=no",
+                     "-device", f"virtio-net-device,netdev=net0,mac={cfg.mac}"]
         if incoming:  # paused after the load (-S), until 'cont'
             args += ["-S", "-incoming", "defer"]
         return args
@@ -143,7 +146,8 @@ class QemuHypervisor(Hypervisor):
                     if problem:
                         kw["stderr"].write(f"--- vmfork: guest RAM keeps QEMU's huge-page advice: {problem}\n".encode())
                     return p
-            proc = spawn_vmm(g, argv, self.name, pass_fds=(listener.fileno(), agent.fileno()), start=start)
+            proc = spawn_vmm(g, argv, self.name, pass_fds=(listener.fileno(), agent.fileno()), start=start,
+                             netns=cfg.netns)
         finally:
             listener.close()  # QEMU holds the only copy now: if it dies, our connect fails
             agent.close()

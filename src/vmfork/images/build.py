@@ -47,6 +47,7 @@ MODULES: tuple[tuple[str, str], ...] = (
     ("virtio_pci", "CONFIG_VIRTIO_PCI"),
     ("virtio_console", "CONFIG_VIRTIO_CONSOLE"),
     ("virtio_blk", "CONFIG_VIRTIO_BLK"),
+    ("virtio_net", "CONFIG_VIRTIO_NET"),  # the guest NIC (vmfork.network)
     # seeds the guest's RNG from the host when the VMM offers a virtio-rng device;
     # without one, getrandom() blocks for seconds after a TCG boot
     ("virtio_rng", "CONFIG_HW_RANDOM_VIRTIO"),

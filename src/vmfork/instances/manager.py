@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vmfork import confine, util
 from vmfork.errors import (
@@ -58,6 +58,9 @@ from vmfork.space.admission import Claim, ram_claim
 from vmfork.space.pause import clear_mark, read_mark
 from vmfork.supervisor import death_cause
 from vmfork.util import crashpoint
+
+if TYPE_CHECKING:
+    from vmfork.network import NetSpec
 
 Progress = Callable[[str], None]
 
@@ -207,7 +210,12 @@ class Manager:
         actions += snapshot_ops.recover(self)
         self._kill_orphan_vmms(actions)
         self._remove_stale_locks(actions)
-        actions += confine.clean(self.dd.root, {d.name.split("-", 1)[-1] for d in self.dd.guests.iterdir()})
+        live = {d.name.split("-", 1)[-1] for d in self.dd.guests.iterdir()}
+        actions += confine.clean(self.dd.root, live)
+        if (self.dd.root / "network" / "leases").is_dir():
+            from vmfork import network
+
+            actions += network.clean(self.dd.root, live)
         return actions
 
     @contextmanager
@@ -352,7 +360,7 @@ class Manager:
 
     def run(self, name: str, *, memory_mib: int = 256, vcpus: int = 1, hypervisor: str = "qemu",
             accel: str = "auto", limits: dict[str, Any] | None = None,
-            overcommit: bool = False) -> Instance:
+            overcommit: bool = False, network: NetSpec | None = None) -> Instance:
         util.validate_name(name)
         limits = {k: v for k, v in (limits or {}).items() if v is not None} or None
         confine.validate_limits(**{k: (limits or {}).get(k) for k in confine.LIMIT_KEYS})
@@ -377,6 +385,7 @@ class Manager:
                     id=iid, name=name, hypervisor=hypervisor, accel=accel_used, memory_mib=memory_mib,
                     vcpus=vcpus, image_digest=image.digest, created_at=_now(), mac=new_mac(),
                     cid=self._free_cid(), pending="running", dir=tmp, limits=limits,
+                    network=network.to_json() if network is not None and network.enabled else None,
                 )
                 try:
                     GuestDir(tmp).ensure_dirs()
@@ -438,11 +447,17 @@ class Manager:
         hv = self.hypervisor(inst)
         cfg = self._config(inst, hv)
         g = inst.g
-        util.atomic_write_json(g.run / "config.json", cfg.to_json(), durable=False)
         shutil.rmtree(g.snapshot_base, ignore_errors=True)  # a cold boot has no base for a Diff
         self._confine(inst, image)
+        net_done = self._attach_network(inst, cfg, boot=True)
+        util.atomic_write_json(g.run / "config.json", cfg.to_json(), durable=False)
         with self._explain_vmm_death(inst):
             proc = hv.boot(g, cfg, image)
+            try:
+                net_done()
+            except BaseException:
+                hv.quit(g, proc)
+                raise
             watchdog.ensure(self.dd.root)
             self._agent_ready(inst, hv, proc, BOOT_TIMEOUT, "boot")
 
@@ -452,12 +467,41 @@ class Manager:
         if not confine.enabled():
             confine.clear_plan(inst.g)
             return
+        tun = inst.network is not None
         if inst.uid is None:
             self._set_metadata(inst, uid=confine.ids.allocate(self.dd.root, inst.id))
         assert inst.uid is not None
         limits = confine.default_limits(inst.memory_mib, inst.accel, **(inst.limits or {}))
         confine.write_plan(inst.g, data_dir=self.dd.root, iid=inst.id, uid=inst.uid, limits=limits,
-                           hypervisor=inst.hypervisor, accel=inst.accel, ro_dirs=[image.dir])
+                           hypervisor=inst.hypervisor, accel=inst.accel, ro_dirs=[image.dir], tun=tun)
+
+    def _attach_network(self, inst: Instance, cfg: VMConfig, *, boot: bool = False) -> Callable[[], None]:
+        """Give the next VMM of ``inst`` its network (vmfork.network): its own namespace and
+        address, made if missing, and the guest NIC, the same in every instance. A snapshot
+        taken with a NIC is restored with one (a fork of a named snapshot: default policy).
+        Returns what completes the namespace: call it while the VMM starts, before the guest runs."""
+        if inst.network is None and not cfg.tap:
+            return lambda: None
+        from vmfork import network
+
+        spec = network.NetSpec.from_json(inst.network or {"mode": "default"})
+        if inst.network is None:
+            self._set_metadata(inst, network=spec.to_json())
+        lease, complete = network.begin(self.dd.root, inst.id, spec, inst.uid)
+        cfg.tap, cfg.netns, cfg.mac = network.TAP, lease.netns, network.GUEST_MAC
+        if boot:
+            cfg.cmdline += " " + network.guest_cmdline()
+        return complete
+
+    def _fork_network(self, src: Instance, publish: tuple[Any, ...]) -> dict[str, Any] | None:
+        """A fork's network: its source's policy with its own published ports (``fork -p``)."""
+        if src.network is None:
+            if publish:
+                raise InvalidArgument(f"-p: instance '{src.name}' has no network, so neither has its fork")
+            return None
+        from vmfork.network import NetSpec
+
+        return NetSpec.from_json(src.network).for_fork(tuple(publish)).to_json()
 
     @contextmanager
     def _explain_vmm_death(self, inst: Instance) -> Iterator[None]:
@@ -560,6 +604,10 @@ class Manager:
         crashpoint("rm:renamed")
         self._kill_vmm_of(GuestDir(trash))
         confine.release(self.dd.root, inst.id)
+        if inst.network is not None or (self.dd.root / "network" / "leases" / f"{inst.id}.json").exists():
+            from vmfork import network
+
+            network.release(self.dd.root, inst.id)
         crashpoint("rm:vmm-stopped")
         shutil.rmtree(trash, ignore_errors=True)
 
@@ -710,10 +758,21 @@ class Manager:
             os.rename(r / "memory", g.memory)  # the guest RAM is this file while the VMM runs
         crashpoint("restore:memory-moved")
         self._confine(inst, image)
+        t_net = time.monotonic()
+        try:
+            net_done = self._attach_network(inst, cfg)
+        except BaseException:
+            self._give_back(g, file_backed)
+            raise
+        net_s = time.monotonic() - t_net
+        util.atomic_write_json(g.run / "config.json", cfg.to_json(), durable=False)
         resumed = False
 
         def before_resume() -> None:  # the commit point: from here on the guest writes its RAM
-            nonlocal resumed
+            nonlocal resumed, net_s
+            t = time.monotonic()
+            net_done()  # made while the VMM started and loaded; in place before the guest runs
+            net_s += time.monotonic() - t
             (r / RESUMED).touch()
             resumed = True
 
@@ -744,6 +803,8 @@ class Manager:
         self._finish_restore(g, hv)
         t1 = time.monotonic()
         phases = {k: round(v, 4) for k, v in (restored.phases | agent_phases).items()}
+        if inst.network is not None:  # what the network added to the restore's critical path
+            phases["network_s"] = round(net_s, 4)
         return {"prep_s": round(t_prep - t0, 4), **phases, "vmm_s": round(t_vmm - t0, 4),
                 "agent_s": round(t1 - t_vmm, 4), "total_s": round(t1 - t0, 4)}
 
@@ -768,12 +829,14 @@ class Manager:
 
     # --- fork -----------------------------------------------------------------------------
     def fork(self, src_ref: str, name: str, *, from_running: bool = False,
-             target_state: str | None = None, overcommit: bool = False) -> tuple[Instance, dict[str, Any]]:
+             target_state: str | None = None, overcommit: bool = False,
+             publish: tuple[Any, ...] = ()) -> tuple[Instance, dict[str, Any]]:
         util.validate_name(name)
         if target_state not in (None, "running", "standby", "stopped"):
             raise InvalidArgument(f"invalid target state '{target_state}': use running, standby or stopped")
         src = self.find(src_ref)
         self._check_name_free(name)
+        self._fork_network(src, publish)  # refused before any work
         timings: dict[str, Any] = {}
         t0 = time.monotonic()
         iid = self._new_id()
@@ -795,7 +858,8 @@ class Manager:
                 try:
                     self._check_snapshot(src, "forked")
                     timings["lookup_s"] = round(time.monotonic() - t0, 4)
-                    fork, stats, phases = self._clone(src, name, iid, None if target == "standby" else target)
+                    fork, stats, phases = self._clone(src, name, iid, None if target == "standby" else target,
+                                                      publish=publish)
                     timings["clone_s"] = round(stats.seconds, 4)
                     timings["clone_method"] = stats.method
                     timings |= {k: round(v, 4) for k, v in phases.items()}
@@ -804,6 +868,12 @@ class Manager:
                         timings["source_restore"] = self._restore_locked(src)
             crashpoint("fork:created")
             try:
+                if fork.network is not None and target != "running":  # its own namespace and
+                    t_net = time.monotonic()  # address from its creation (running: by its restore)
+                    from vmfork import network
+
+                    network.ensure(self.dd.root, fork.id, network.NetSpec.from_json(fork.network), fork.uid)
+                    timings["network_s"] = round(time.monotonic() - t_net, 4)
                 if target == "running":
                     timings["fork_restore"] = self._restore_locked(fork)
                 elif target == "stopped":
@@ -828,8 +898,8 @@ class Manager:
             raise WrongState(f"instance '{src.name}' is stopped: only a standby or running instance can be forked")
         return was_running
 
-    def _clone(self, src: Instance, name: str, iid: str,
-               pending: str | None) -> tuple[Instance, CopyStats, dict[str, float]]:
+    def _clone(self, src: Instance, name: str, iid: str, pending: str | None,
+               publish: tuple[Any, ...] = ()) -> tuple[Instance, CopyStats, dict[str, float]]:
         """Clone a standby source into new instance ``iid``, atomically (tmp dir + rename).
 
         Returns the fork, the copy stats and the seconds spent after the copy: writing the
@@ -854,6 +924,7 @@ class Manager:
                     created_at=_now(), mac=new_mac(), cid=self._free_cid(), parent_id=src.id,
                     parent_name=src.name, identity_applied=False, pending=pending, dir=tmp,
                     limits=src.limits,  # resource limits, not credentials: the fork gets its own uid
+                    network=self._fork_network(src, publish),
                 )
                 fork.g.ensure_dirs()
                 util.atomic_write_json(fork.g.metadata, fork.to_json(), durable=False)
@@ -889,6 +960,13 @@ class Manager:
         return {"confined": (inst.g.run / confine.PLAN).exists(), "uid": inst.uid, "gid": inst.uid,
                 "limits": limits.to_json(), "cgroup": confine.usage(self.dd.root, inst.id)}
 
+    def _network_view(self, inst: Instance) -> dict[str, Any] | None:
+        if inst.network is None:
+            return None
+        from vmfork import network
+
+        return network.describe(self.dd.root, inst.id, network.NetSpec.from_json(inst.network))
+
     def describe(self, inst: Instance, *, detail: bool = False) -> dict[str, Any]:
         st = self.status(inst)
         state = st.state
@@ -910,6 +988,7 @@ class Manager:
             "created_at": inst.created_at, "parent": parent,
             "last_exit": (confine.exit_cause(self.dd.root, inst.id)
                           if st.proc is None and inst.g.vmm_json.exists() else None),
+            "network": self._network_view(inst),
         }
         if detail and not inst.problem:
             from vmfork.fs import allocated_bytes

@@ -48,6 +48,9 @@ class Instance:
     # own), and the resource limits asked for at creation (forks keep their source's).
     uid: int | None = None
     limits: dict[str, Any] | None = None
+    # The network asked for (vmfork.network.NetSpec as JSON); None: no network. A fork keeps
+    # its source's policy, never its published host ports.
+    network: dict[str, Any] | None = None
     dir: Path = field(default=Path("."), compare=False)
     # Not stored: why this instance cannot be used (unreadable metadata), if it cannot.
     problem: str | None = field(default=None, compare=False)

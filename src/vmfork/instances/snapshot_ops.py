@@ -221,7 +221,8 @@ def fork_instance(mgr: Manager, src_ref: str, name: str, *, count: int, from_run
             template = {"hypervisor": src.hypervisor, "accel": src.accel, "memory_mib": src.memory_mib,
                         "vcpus": src.vcpus, "image_digest": src.image_digest, "parent_id": src.id,
                         "parent_name": src.name, "head_snapshot_id": src.head_snapshot_id,
-                        "head_snapshot_name": src.head_snapshot_name, "limits": src.limits}
+                        "head_snapshot_name": src.head_snapshot_name, "limits": src.limits,
+                        "network": mgr._fork_network(src, ())}
             forks, t = fork_many(mgr, names, build, template, target_state=target, partial=partial,
                                  overcommit=overcommit,
                                  locked_source=True, after_clone=(lambda: _restore_source(mgr, src, timings))

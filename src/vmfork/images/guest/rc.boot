@@ -23,4 +23,16 @@ echo "$name" >/etc/hostname
 printf '127.0.0.1\tlocalhost\n127.0.1.1\t%s\n::1\t\tlocalhost ip6-localhost ip6-loopback\n' "$name" >/etc/hosts
 ip link set lo up 2>/dev/null
 
+# The NIC (vmfork.network): the same address in every instance, from the command line
+# (vmfork.net=ADDR/PREFIX,GATEWAY), so that a restored fork needs no change here.
+for arg in $(cat /proc/cmdline); do
+	case "$arg" in
+	vmfork.net=?*)
+		net=${arg#vmfork.net=}
+		ip addr add "${net%,*}" dev eth0 && ip link set eth0 up &&
+			ip route add default via "${net#*,}" || echo "vmfork: cannot configure eth0 ($net)"
+		;;
+	esac
+done
+
 echo "vmfork: guest ready"
