@@ -50,7 +50,12 @@ class CreateInstance(_Body):
         "Seconds without activity (exec, files) after which the server puts the instance in standby; "
         "an exec or file transfer then restores it first."))
     env: dict[str, str] | None = Field(default=None, description="Not supported yet: refused if given.")
-    publish: list[str] | None = Field(default=None, description="Not supported yet (networking): refused if given.")
+    network: Literal["none", "default"] | None = Field(
+        default=None, description="default: a network of its own (NAT); default when publish/egress/allow is given.")
+    publish: list[str] = Field(default_factory=list, max_length=64,
+                               description="[HOST_IP:]HOST_PORT:GUEST_PORT[/tcp|udp], as `vmfork run -p`.")
+    egress: Literal["allow", "deny"] = "allow"
+    allow: list[str] = Field(default_factory=list, max_length=64, description="With egress deny: reachable CIDRs.")
 
 
 class Instance(BaseModel):
@@ -68,6 +73,7 @@ class Instance(BaseModel):
     parent: str | None = None
     last_exit: str | None = None
     auto_standby: float | None = Field(default=None, description="Idle seconds before auto-standby, if set.")
+    network: dict[str, Any] | None = Field(default=None, description="Its network (address, published ports), if any.")
     seconds: float | None = Field(default=None, description="How long the operation took.")
 
 

@@ -119,8 +119,8 @@ def test_app_in_process(tmp_path: Path) -> None:
         assert r.status_code == 400 and r.json()["code"] == "invalid" and "vcpus" in r.json()["detail"]
         r = c.post("/instances", json={"name": "ok", "auto_standby": 0.5})
         assert r.status_code == 400 and "auto_standby" in r.json()["detail"]
-        r = c.post("/instances", json={"name": "ok", "publish": ["8080:80"]})
-        assert r.status_code == 400 and "publish" in r.json()["detail"]
+        r = c.post("/instances", json={"name": "ok", "publish": ["80"]})
+        assert r.status_code == 400 and "invalid -p '80'" in r.json()["detail"]
         assert "vmfork_instances" in c.get("/metrics").text
         assert c.get("/openapi.json").json()["info"]["title"] == "vmfork"
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import json
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -32,6 +34,9 @@ class AutoStandby:
         self.last: dict[str, float] = {}  # instance id -> monotonic time of its last activity
         self.busy: dict[str, int] = {}  # instance id -> activities in flight
         self.wakes: list[float] = []  # seconds of each wake on use (restore before the work)
+        self.listeners: dict[str, Any] = {}  # instance id -> its WakeListener while in standby
+        self._traffic: dict[str, int] = {}  # instance id -> bytes through its veth, last seen
+        self._tasks: set[asyncio.Task[None]] = set()
 
     def settings(self) -> dict[str, float]:
         try:
@@ -63,7 +68,9 @@ class AutoStandby:
             self.busy[iid] = self.busy.get(iid, 0) + 1
             self.last[iid] = time.monotonic()
         try:
-            if iid in self.settings() and await blocking(st, lambda: st.mgr.status(inst).state) == "standby":
+            if iid in self.listeners:
+                await self.listeners[iid].wake_now()
+            elif iid in self.settings() and await blocking(st, lambda: st.mgr.status(inst).state) == "standby":
                 t0 = time.monotonic()
                 with contextlib.suppress(Exception):  # a concurrent wake won: exec says if it is not running
                     with st.metrics.timed("restore"):
@@ -75,6 +82,29 @@ class AutoStandby:
                 self.busy[iid] -= 1
                 self.last[iid] = time.monotonic()
 
+    @staticmethod
+    def network() -> Any | None:
+        """The networking feature (vmfork.network)."""
+        try:
+            return importlib.import_module("vmfork.network")
+        except ImportError:
+            return None
+
+    def _saw_traffic(self, st: State, iid: str) -> bool:
+        """Whether bytes went through the instance's veth since the last look."""
+        net = self.network()
+        if net is None:
+            return False
+        lease = net.leases.read(st.data_dir, iid)
+        if lease is None:
+            return False
+        total = 0
+        for what in ("rx_bytes", "tx_bytes"):
+            with contextlib.suppress(OSError, ValueError):
+                total += int(Path(f"/sys/class/net/{lease.veth}/statistics/{what}").read_text())
+        seen, self._traffic[iid] = self._traffic.get(iid), total
+        return seen is not None and seen != total
+
     def _due(self, st: State) -> list[str]:
         now = time.monotonic()
         due = []
@@ -83,6 +113,8 @@ class AutoStandby:
             if iid not in live:
                 self.set(iid, None)
                 continue
+            if self._saw_traffic(st, iid):
+                self.last[iid] = now
             with self._lock:
                 if self.busy.get(iid, 0) or now - self.last.setdefault(iid, now) < idle_s:
                     continue
@@ -98,11 +130,78 @@ class AutoStandby:
             await asyncio.sleep(CHECK_S)
             try:
                 for iid in await blocking(st, self._due, st):
-                    # busy, gone, or changed state meanwhile: suppressed, tried again later
-                    with contextlib.suppress(Exception), st.metrics.timed("standby"):
-                        await blocking(st, st.mgr.standby, iid)
-            except Exception:  # never let the monitor die
-                continue
+                    try:  # busy, gone, or changed state meanwhile: tried again later
+                        with st.metrics.timed("standby"):
+                            await blocking(st, st.mgr.standby, iid)
+                        await self._listen(st, iid)
+                    except Exception as e:
+                        _log(f"auto-standby of {iid}: {e}")
+            except Exception as e:  # never let the monitor die
+                _log(f"auto-standby monitor: {e!r}")
+
+    async def _listen(self, st: State, iid: str) -> None:
+        """The instance went to standby: the server takes its published TCP ports, and the
+        first connection restores it (wake on traffic)."""
+        from vmfork.api.app import blocking
+        from vmfork.api.wake import Port, WakeListener
+
+        net = self.network()
+        if net is None:
+            return
+        ports = [Port(p.host_ip, p.host_port, p.guest_port)
+                 for p in await blocking(st, net.published, st.data_dir, iid) if p.proto == "tcp"]
+        if not ports:
+            return
+        await blocking(st, net.set_forwarding, st.data_dir, iid, False)
+
+        async def wake() -> str:
+            t0 = time.monotonic()
+            if st.mgr.status(await blocking(st, st.mgr.find, iid)).state == "standby":
+                with st.metrics.timed("restore"):
+                    await blocking(st, st.mgr.restore, iid)
+            self.wakes.append(time.monotonic() - t0)
+            with self._lock:
+                self.last[iid] = time.monotonic()
+            lease = net.leases.read(st.data_dir, iid)
+            return str(lease.ip)
+
+        lst = WakeListener(ports, wake)
+        try:
+            await lst.start()
+        except OSError:
+            await blocking(st, net.set_forwarding, st.data_dir, iid, True)
+            raise
+        self.listeners[iid] = lst
+
+        async def hand_back() -> None:  # awake: its own forwarding takes the ports back
+            await lst.awake.wait()
+            await lst.close()
+            self.listeners.pop(iid, None)
+            await blocking(st, net.set_forwarding, st.data_dir, iid, True)
+
+        task = asyncio.ensure_future(hand_back())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def release(self, st: State, ref: str) -> None:
+        """Before a restore or removal through the API: the listener (if any) lets go."""
+        from vmfork.api.app import blocking
+
+        iid: str | None = ref if ref in self.listeners else None
+        if iid is None and self.listeners:
+            with contextlib.suppress(Exception):
+                iid = (await blocking(st, st.mgr.find, ref)).id
+        lst = self.listeners.pop(iid, None) if iid else None
+        if lst is not None:
+            await lst.close()
+            net = self.network()
+            if net is not None:
+                with contextlib.suppress(Exception):
+                    await blocking(st, net.set_forwarding, st.data_dir, iid, True)
 
     def describe(self) -> dict[str, Any]:
         return {"settings": self.settings(), "wakes": len(self.wakes)}
+
+
+def _log(msg: str) -> None:
+    print(f"vmfork serve: {util.one_line(msg)}", file=sys.stderr, flush=True)

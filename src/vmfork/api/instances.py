@@ -45,8 +45,10 @@ async def create_instance(body: models.CreateInstance, st: Dep) -> dict[str, Any
                        "built-in image ('default') exists until OCI images are merged")
     if body.env:
         raise ApiError(400, "invalid", "env is not supported yet at creation: pass it to exec")
-    if body.publish:
-        raise ApiError(400, "invalid", "publish is not supported yet (needs the networking feature)")
+    from vmfork.network.spec import build as net_spec
+
+    mode = body.network or ("default" if (body.publish or body.allow or body.egress != "allow") else "none")
+    network = net_spec(mode, body.publish, body.egress, body.allow)
     memory_mib = util.parse_memory(body.memory)
     limits = {"cpus": body.cpus, "pids": body.pids_limit, "io_weight": body.io_weight,
               "memory_limit_mib": util.parse_size(body.memory_limit, "memory limit") >> 20
@@ -56,7 +58,7 @@ async def create_instance(body: models.CreateInstance, st: Dep) -> dict[str, Any
         t0 = time.monotonic()
         with st.metrics.timed("run"):
             inst = st.mgr.run(body.name, memory_mib=memory_mib, vcpus=body.vcpus, hypervisor=body.hypervisor,
-                              accel=body.accel, limits=limits, overcommit=body.overcommit)
+                              accel=body.accel, limits=limits, overcommit=body.overcommit, network=network)
         if body.auto_standby is not None:
             st.auto.set(inst.id, body.auto_standby)
         return view(st, inst, seconds=time.monotonic() - t0)
@@ -83,6 +85,8 @@ async def get_instance(id: str, st: Dep) -> dict[str, Any]:
 @router.delete("/instances/{id}", status_code=204, responses=responses(404, 409),
                summary="Remove an instance (running ones too unless force=false)")
 async def delete_instance(id: str, st: Dep, force: bool = True) -> None:
+    await st.auto.release(st, id)
+
     def work() -> None:
         with st.metrics.timed("rm"):
             st.mgr.rm(id, force=force)
@@ -109,6 +113,7 @@ async def standby(id: str, st: Dep) -> dict[str, Any]:
 @router.post("/instances/{id}/restore", response_model=models.ActionResult,
              responses=responses(404, 409, 502, 507), summary="Restore an instance from standby")
 async def restore(id: str, st: Dep, overcommit: bool = False) -> dict[str, Any]:
+    await st.auto.release(st, id)
     return await blocking(st, _action, "restore", st, id, st.mgr.restore, overcommit=overcommit)
 
 

@@ -15,11 +15,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from vmfork import retry
+
 CHUNK = 1 << 16
+# How long a just-woken guest gets to accept a connection on its port (its NIC and the
+# neighbour entries of its link come back with it; the first tries may be unreachable).
+CONNECT_S = 20.0
 
 
 @dataclass(frozen=True)
@@ -77,6 +84,16 @@ class WakeListener:
         if self._splices:
             await asyncio.gather(*self._splices, return_exceptions=True)
 
+    async def wake_now(self) -> None:
+        """Wake without a connection (an exec through the API): the same single wake."""
+        async with self._lock:
+            if self._target is None:
+                t0 = time.monotonic()
+                self._target = await self._wake()
+                self.stats.wake_s = time.monotonic() - t0
+                self.stats.woken_at = time.time()
+                self.awake.set()
+
     async def _on_conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, guest_port: int) -> None:
         task = asyncio.current_task()
         if task is not None:
@@ -90,16 +107,19 @@ class WakeListener:
                     except Exception as e:
                         self.stats.failed += 1
                         self.stats.errors.append(str(e)[:300])
+                        print(f"vmfork serve: wake failed: {str(e)[:300]!r}", file=sys.stderr, flush=True)
                         writer.close()
                         return
                     self.stats.wake_s = time.monotonic() - t0
                     self.stats.woken_at = time.time()
                     self.awake.set()
                 try:
-                    g_reader, g_writer = await asyncio.open_connection(self._target, guest_port)
+                    sock = await asyncio.to_thread(_connect, self._target, guest_port)
+                    g_reader, g_writer = await asyncio.open_connection(sock=sock)
                 except OSError as e:
                     self.stats.failed += 1
                     self.stats.errors.append(f"connect {self._target}:{guest_port}: {e}")
+                    print(f"vmfork serve: wake: {self.stats.errors[-1]!r}", file=sys.stderr, flush=True)
                     writer.close()
                     return
             self.stats.served += 1
@@ -111,6 +131,20 @@ class WakeListener:
         finally:
             if task is not None:
                 self._splices.discard(task)
+
+
+def _connect(host: str, port: int) -> socket.socket:
+    last: OSError | None = None
+    for _ in retry.attempts(CONNECT_S, first=0.05, cap=0.5):
+        try:
+            sock = socket.create_connection((host, port), timeout=5)
+        except OSError as e:
+            last = e
+            continue
+        sock.setblocking(False)
+        return sock
+    assert last is not None
+    raise last
 
 
 async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
