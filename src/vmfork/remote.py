@@ -69,12 +69,19 @@ class RemoteManager:
         return {k: v for k, v in d.items() if k != "seconds"}
 
     def run(self, name: str, *, memory_mib: int = 256, vcpus: int = 1, hypervisor: str = "qemu",
-            accel: str = "auto", limits: dict[str, Any] | None = None, overcommit: bool = False) -> RemoteInstance:
+            accel: str = "auto", limits: dict[str, Any] | None = None, overcommit: bool = False,
+            network: Any = None) -> RemoteInstance:
         lim = limits or {}
+        net: dict[str, Any] = {}
+        if network is not None and network.enabled:
+            if network.subnet:
+                raise InvalidArgument("--subnet is not available through --host")
+            net = {"network": network.mode, "publish": [str(p) for p in network.publish],
+                   "egress": network.egress, "allow": list(network.allow)}
         body = {"name": name, "memory": f"{memory_mib}M", "vcpus": vcpus, "hypervisor": hypervisor, "accel": accel,
                 "cpus": lim.get("cpus"), "pids_limit": lim.get("pids"), "io_weight": lim.get("io_weight"),
                 "memory_limit": f"{lim['memory_limit_mib']}M" if lim.get("memory_limit_mib") else None,
-                "overcommit": overcommit}
+                "overcommit": overcommit, **net}
         return self._inst(self.client.json("POST", "/instances", json=body))
 
     def _action(self, ref: str, what: str, body: dict[str, Any] | None = None,
@@ -101,14 +108,18 @@ class RemoteManager:
         return t
 
     def fork(self, src_ref: str, name: str, *, from_running: bool = False, target_state: str | None = None,
-             overcommit: bool = False) -> tuple[RemoteInstance, dict[str, Any]]:
+             overcommit: bool = False, publish: Any = ()) -> tuple[RemoteInstance, dict[str, Any]]:
+        if publish:
+            raise InvalidArgument("fork -p is not available through --host yet")
         forks, t = self.fork_count(src_ref, name, count=None, from_running=from_running,
                                    target_state=target_state, overcommit=overcommit)
         return forks[0], t
 
     def fork_count(self, src_ref: str, name: str, *, count: int | None, from_running: bool = False,
                    target_state: str | None = None, partial: bool = False,
-                   overcommit: bool = False) -> tuple[list[RemoteInstance], dict[str, Any]]:
+                   overcommit: bool = False, publish: Any = ()) -> tuple[list[RemoteInstance], dict[str, Any]]:
+        if publish:
+            raise InvalidArgument("fork -p is not available through --host yet")
         body = {"name": name, "count": count, "from_running": from_running, "target_state": target_state,
                 "partial": partial, "overcommit": overcommit}
         r = self.client.json("POST", f"/instances/{src_ref}/fork", json=body)
