@@ -16,6 +16,7 @@ test-fast: setup
 lint: setup
 	.venv/bin/ruff check src tests
 	.venv/bin/mypy
+	.venv/bin/python -m vmfork.api.openapi --check
 
 bench: setup
 	.venv/bin/python -m vmfork.bench

@@ -66,9 +66,10 @@ def _fail(e: VmforkError) -> NoReturn:
 
 
 class Ctx:
-    def __init__(self, data_dir: Path, quiet: bool) -> None:
+    def __init__(self, data_dir: Path, quiet: bool, host: str | None = None) -> None:
         self.data_dir = data_dir
         self.quiet = quiet
+        self.host = host  # act through a server (vmfork serve) instead of on the data dir
         self._mgr: Any = None
         self._mgr_creates = False
 
@@ -79,7 +80,7 @@ class Ctx:
     def data_dir_exists(self) -> bool:
         """For read-only commands, which create nothing: False where there is no data dir
         yet (one-line error where the path is a file or lies under one)."""
-        return DataDir(self.data_dir).exists()
+        return bool(self.host) or DataDir(self.data_dir).exists()
 
     def find(self, name: str) -> Any:
         """The instance NAME, for a read-only command."""
@@ -89,7 +90,11 @@ class Ctx:
 
     @property
     def mgr(self) -> Any:
-        """The Manager; makes the data dir."""
+        """The Manager (or, with --host, the server acting as one); makes the data dir."""
+        if self._mgr is None and self.host:
+            from vmfork.remote import RemoteManager
+
+            self._mgr, self._mgr_creates = RemoteManager(self.host), True
         if self._mgr is None or not self._mgr_creates:
             self._manager(create=True)
         return self._mgr
@@ -97,6 +102,8 @@ class Ctx:
     @property
     def view(self) -> Any:
         """The Manager for read-only commands (ps, inspect, logs): makes nothing in the data dir."""
+        if self.host:
+            return self.mgr
         if self._mgr is None:
             self._manager(create=False)
         return self._mgr
@@ -147,14 +154,18 @@ overcommit_opt = click.option(
 @click.option("--firecracker-bin", type=click.Path(path_type=Path), envvar="VMFORK_FIRECRACKER_BIN",
               default=None, help="The firecracker binary [env VMFORK_FIRECRACKER_BIN; default: .tools/bin of the project "
                    "(make setup), else PATH].")
+@click.option("--host", envvar="VMFORK_HOST", default=None,
+              help="Act through a vmfork server: its unix socket path or http://HOST:PORT (token: env VMFORK_TOKEN) "
+                   "[env VMFORK_HOST; default: directly on the data dir].")
 @click.version_option(__version__, prog_name="vmfork")
 @click.pass_context
-def main(ctx: click.Context, data_dir: Path | None, quiet: bool, firecracker_bin: Path | None) -> None:
+def main(ctx: click.Context, data_dir: Path | None, quiet: bool, firecracker_bin: Path | None,
+         host: str | None) -> None:
     """vmfork: boot microVMs, put them in standby, restore and fork them copy-on-write."""
     if firecracker_bin is not None:
         os.environ["VMFORK_FIRECRACKER_BIN"] = str(firecracker_bin.absolute())
     os.umask(PRIVATE_UMASK)  # what vmfork and its VMMs create is the owner's only
-    ctx.obj = Ctx((data_dir or default_data_dir()).absolute(), quiet)
+    ctx.obj = Ctx((data_dir or default_data_dir()).absolute(), quiet, host or None)
 
 
 pass_ctx = click.make_pass_decorator(Ctx)
@@ -567,6 +578,10 @@ register_images(sys.modules[__name__])  # 'image ...'
 from vmfork.fleet_cli import register as register_fleet  # noqa: E402
 
 register_fleet(sys.modules[__name__])  # 'fleet ...' (Ray is imported by a fleet command only)
+
+from vmfork.api.cli import register as register_api  # noqa: E402
+
+register_api(sys.modules[__name__])  # 'serve', 'api-token'
 
 if __name__ == "__main__":
     main()

@@ -178,6 +178,12 @@ class AgentClient:
             with contextlib.suppress(OSError):
                 self._sock.close()
 
+    def abort(self) -> None:
+        """From any thread: end the connection, so that a reader blocked on it returns with
+        an AgentError (the exec mux then kills the connection's commands)."""
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+
     def __enter__(self) -> AgentClient:
         return self
 

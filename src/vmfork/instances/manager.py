@@ -709,11 +709,13 @@ class Manager:
              env: dict[str, str] | None = None, cwd: str | None = None,
              on_stdout: Callable[[bytes], None] | None = None,
              on_stderr: Callable[[bytes], None] | None = None,
-             max_output: int = MAX_BUFFERED_OUTPUT, in_image: bool = True) -> ExecResult:
+             max_output: int = MAX_BUFFERED_OUTPUT, in_image: bool = True,
+             on_start: Callable[[Callable[[], None]], None] | None = None) -> ExecResult:
         """Run a command in the guest. The instance lock is held only to start it (through
         the instance's exec mux, so execs run concurrently); standby, stop and rm end it
         with ExecAborted. Output without a callback is kept up to ``max_output`` bytes
-        per stream (``ExecResult.stdout_dropped`` counts the rest)."""
+        per stream (``ExecResult.stdout_dropped`` counts the rest). ``on_start`` gets, once
+        the command runs, a function that aborts it from any thread (the mux kills it)."""
         if not argv:
             raise InvalidArgument("no command given: use 'vmfork exec NAME -- CMD [ARGS...]'")
         with self._locked(ref) as inst:
@@ -735,6 +737,8 @@ class Manager:
             conn = muxctl.connect(inst.g, st.proc, lambda: hv.agent(inst.g, 5.0))
             try:
                 req_id = conn.start_exec(argv, stdin=stdin, timeout=timeout, env=env, cwd=cwd)
+                if on_start is not None:
+                    on_start(conn.abort)
             except BaseException:
                 conn.close()
                 raise

@@ -1,0 +1,306 @@
+"""Exec (request/response and WebSocket streaming) and files, through the guest agent.
+
+WebSocket protocol of ``/instances/{id}/exec/ws``:
+- the client sends one text message, a JSON ``ExecStart``; with ``stream_stdin`` it then
+  sends its stdin as binary messages and a text ``{"type": "eof"}`` (stdin is handed to the
+  guest whole at EOF: the guest agent takes stdin with the exec request);
+- the server sends the output as binary messages, the first byte naming the stream
+  (1 stdout, 2 stderr), then a text ``{"type": "exit", ...}`` or ``{"type": "error", ...}``,
+  and closes;
+- a client that goes away ends the guest command (it is killed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import json
+import threading
+import time
+from collections.abc import Callable
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request, WebSocket, WebSocketDisconnect
+from fastapi.responses import Response
+from pydantic import Field, ValidationError
+
+from vmfork import models, util
+from vmfork.api.app import State, blocking, state
+from vmfork.api.problems import ApiError, classify, responses
+from vmfork.errors import VmforkError
+
+router = APIRouter(tags=["exec"])
+Dep = Annotated[State, Depends(state)]
+STDOUT, STDERR = 1, 2
+
+
+class ExecStart(models.ExecRequest):
+    tty: bool = False
+    stream_stdin: bool = Field(default=False, description="stdin follows as binary messages, then {'type':'eof'}.")
+
+
+class _Abort:
+    """The abort function of a running exec, callable before it is known (it then runs as
+    soon as the exec starts)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._fn: Callable[[], None] | None = None
+        self.wanted = False
+
+    def set(self, fn: Callable[[], None]) -> None:
+        with self._lock:
+            self._fn = fn
+            if not self.wanted:
+                return
+        fn()
+
+    def __call__(self) -> None:
+        with self._lock:
+            self.wanted = True
+            fn = self._fn
+        if fn is not None:
+            fn()
+
+
+def _stdin(body: models.ExecRequest) -> bytes:
+    if body.stdin_b64 is not None:
+        if body.stdin:
+            raise ApiError(400, "invalid", "give stdin or stdin_b64, not both")
+        try:
+            return base64.b64decode(body.stdin_b64, validate=True)
+        except (binascii.Error, ValueError):
+            raise ApiError(400, "invalid", "stdin_b64 is not valid base64") from None
+    return body.stdin.encode()
+
+
+def _check_argv(argv: list[str]) -> None:
+    if not argv[0]:
+        raise ApiError(400, "invalid", "argv[0] must not be empty")
+    if any("\0" in a for a in argv):
+        raise ApiError(400, "invalid", "argv must not contain NUL characters")
+
+
+def _check_env(env: dict[str, str] | None, cwd: str | None) -> None:
+    for k, v in (env or {}).items():
+        if not k or "=" in k or "\0" in k or "\0" in v:
+            raise ApiError(400, "invalid", f"invalid env name or value: {util.one_line(k)[:100]!r}")
+    if cwd is not None and (not cwd or "\0" in cwd):
+        raise ApiError(400, "invalid", "cwd must be a non-empty path without NUL")
+
+
+@router.post("/instances/{id}/exec", response_model=models.ExecResult, responses=responses(404, 409, 502),
+             summary="Run a command in the guest and return its exit code and output (bounded)")
+async def exec_(id: str, body: models.ExecRequest, st: Dep, request: Request,
+                binary: bool = False) -> dict[str, Any]:
+    _check_argv(body.argv)
+    _check_env(body.env, body.cwd)
+    stdin = _stdin(body)
+    abort = _Abort()
+
+    def work() -> dict[str, Any]:
+        t0 = time.monotonic()
+        with st.metrics.timed("exec"):
+            r = st.mgr.exec(id, body.argv, stdin=stdin, timeout=body.timeout, env=body.env, cwd=body.cwd,
+                            max_output=models.MAX_EXEC_OUTPUT, on_start=abort.set)
+        enc: Callable[[bytes], str] = (lambda b: base64.b64encode(b).decode()) if binary \
+            else (lambda b: b.decode(errors="replace"))
+        return {"exit_code": r.exit_code, "stdout": enc(r.stdout), "stderr": enc(r.stderr),
+                "timed_out": r.timed_out, "signal": r.signal, "stdout_dropped": r.stdout_dropped,
+                "stderr_dropped": r.stderr_dropped, "encoding": "base64" if binary else "utf-8",
+                "seconds": round(time.monotonic() - t0, 4)}
+
+    async with st.auto.activity(st, id), st.exec_slot(id):
+        task = asyncio.ensure_future(blocking(st, work))
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=0.5)
+                if done:
+                    return task.result()
+                if await request.is_disconnected():
+                    abort()  # the client is gone: its command is killed in the guest
+                    with contextlib.suppress(Exception):
+                        await task
+                    raise ApiError(400, "invalid", "client disconnected")
+        except asyncio.CancelledError:
+            abort()  # the server is shutting down and gave up waiting for it
+            raise
+
+
+@router.websocket("/instances/{id}/exec/ws")
+async def exec_ws(ws: WebSocket, id: str) -> None:
+    st: State = ws.app.state.vmfork
+    await ws.accept()
+
+    async def fail(code: str, detail: str) -> None:
+        with contextlib.suppress(Exception):
+            await ws.send_text(json.dumps({"type": "error", "code": code, "detail": util.one_line(detail)[:2000]}))
+            await ws.close(1000)
+
+    try:
+        first = await ws.receive_text()
+        body = ExecStart.model_validate_json(first)
+        _check_argv(body.argv)
+        _check_env(body.env, body.cwd)
+        stdin = _stdin(body)
+        if body.tty:
+            raise ApiError(400, "unsupported", "tty is not supported yet: the guest agent has no PTY")
+        if body.stream_stdin:
+            parts, size = [stdin], len(stdin)
+            while True:
+                msg = await ws.receive()
+                if msg["type"] == "websocket.disconnect":
+                    return
+                if msg.get("bytes") is not None:
+                    size += len(msg["bytes"])
+                    if size > models.MAX_FILE_BYTES:
+                        raise ApiError(413, "too_large", f"stdin exceeds {models.MAX_FILE_BYTES} bytes")
+                    parts.append(msg["bytes"])
+                elif msg.get("text") is not None:
+                    if json.loads(msg["text"]).get("type") == "eof":
+                        break
+                    raise ApiError(400, "invalid", "expected stdin bytes or {'type': 'eof'}")
+            stdin = b"".join(parts)
+    except WebSocketDisconnect:
+        return
+    except ValidationError as e:
+        await fail("invalid", "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors()[:5]))
+        return
+    except ApiError as e:
+        await fail(e.code, e.detail)
+        return
+    except (ValueError, KeyError, AttributeError) as e:
+        await fail("invalid", f"bad message: {e}")
+        return
+
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[tuple[int, bytes] | None] = asyncio.Queue(maxsize=64)
+    abort = _Abort()
+
+    def put(item: tuple[int, bytes] | None) -> None:  # from the exec thread: waits for room
+        if abort.wanted:
+            raise ConnectionAbortedError("the client went away")
+        asyncio.run_coroutine_threadsafe(queue.put(item), loop).result()
+
+    def work() -> Any:
+        try:
+            with st.metrics.timed("exec"):
+                return st.mgr.exec(id, body.argv, stdin=stdin, timeout=body.timeout, env=body.env,
+                                   cwd=body.cwd, on_start=abort.set,
+                                   on_stdout=lambda b: put((STDOUT, b)), on_stderr=lambda b: put((STDERR, b)))
+        finally:
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(queue.put(None), loop)
+
+    try:
+        async with st.auto.activity(st, id), st.exec_slot(id):
+            await _stream(ws, st, work, queue, abort, fail)
+    except VmforkError as e:  # the instance is not there
+        await fail(classify(e)[1], str(e))
+
+
+async def _stream(ws: WebSocket, st: State, work: Callable[[], Any], queue: asyncio.Queue[tuple[int, bytes] | None],
+                  abort: _Abort, fail: Callable[[str, str], Any]) -> None:
+    task = asyncio.ensure_future(blocking(st, work))
+
+    async def watch_client() -> None:
+        try:
+            while True:
+                msg = await ws.receive()
+                if msg["type"] == "websocket.disconnect":
+                    break
+        except Exception:
+            pass
+        abort()
+        while not queue.empty():  # unblock a writer waiting for room
+            queue.get_nowait()
+
+    watcher = asyncio.ensure_future(watch_client())
+    try:
+        while True:
+            item = await queue.get()
+            if item is None:
+                break
+            await ws.send_bytes(bytes([item[0]]) + item[1])
+        try:
+            r = await task
+        except VmforkError as e:
+            _, code = classify(e)
+            await fail(code, str(e))
+            return
+        await ws.send_text(json.dumps({"type": "exit", "exit_code": r.exit_code, "timed_out": r.timed_out,
+                                       "signal": r.signal}))
+        await ws.close(1000)
+    except (WebSocketDisconnect, RuntimeError, ConnectionError):
+        abort()
+    finally:
+        watcher.cancel()
+        if not task.done():
+            abort()
+            while not queue.empty():
+                queue.get_nowait()
+            with contextlib.suppress(BaseException):
+                await task
+
+
+# --- files --------------------------------------------------------------------------------
+_READ = ('if [ -d "$1" ]; then printf d; exec tar -C "$1" -cf - .; '
+         'elif [ -f "$1" ]; then printf f; exec cat -- "$1"; '
+         'else echo "$1: no such file or directory" >&2; exit 44; fi')
+_WRITE_FILE = 'mkdir -p -- "$(dirname -- "$1")" && cat > "$1"'
+_WRITE_TAR = 'mkdir -p -- "$1" && tar -C "$1" -xf -'
+TAR = "application/x-tar"
+
+
+def _check_path(path: str) -> None:
+    if not path.startswith("/") or "\0" in path or len(path) > 4096:
+        raise ApiError(400, "invalid", "path must be an absolute guest path (at most 4096 bytes, no NUL)")
+
+
+def _guest_text(b: bytes) -> str:
+    return util.one_line(b[:500].decode(errors="replace").strip())
+
+
+@router.get("/instances/{id}/files", responses=responses(404, 409, 413, 502) | {
+    200: {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+                      TAR: {"schema": {"type": "string", "format": "binary"}}},
+          "description": "The file's bytes, or a tar stream of a directory."}},
+    summary="Read a guest file (or a directory as a tar stream)")
+async def get_file(id: str, path: Annotated[str, Query(min_length=1, max_length=4096, pattern="^/")], st: Dep) -> Response:
+    _check_path(path)
+    async with st.auto.activity(st, id), st.exec_slot(id):
+        r = await blocking(st, st.mgr.exec, id, ["sh", "-c", _READ, "sh", path], timeout=120,
+                           max_output=models.MAX_FILE_BYTES + 1)
+    if r.exit_code == 44:
+        raise ApiError(404, "not_found", f"{_guest_text(r.stderr)} (in the guest)")
+    if r.exit_code != 0 or not r.stdout:
+        raise ApiError(400, "invalid", f"reading {path} failed in the guest: {_guest_text(r.stderr)}")
+    if r.stdout_dropped or len(r.stdout) > models.MAX_FILE_BYTES + 1:
+        raise ApiError(413, "too_large", f"{path} is larger than {models.MAX_FILE_BYTES} bytes")
+    kind, data = r.stdout[:1], r.stdout[1:]
+    return Response(data, media_type=TAR if kind == b"d" else "application/octet-stream")
+
+
+@router.put("/instances/{id}/files", status_code=204, responses=responses(404, 409, 413, 502),
+            openapi_extra={"requestBody": {"content": {
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+                TAR: {"schema": {"type": "string", "format": "binary"}}}}},
+            summary="Write a guest file (or unpack a tar stream into a directory)")
+async def put_file(id: str, path: Annotated[str, Query(min_length=1, max_length=4096, pattern="^/")], st: Dep, request: Request) -> Response:
+    _check_path(path)
+    parts, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > models.MAX_FILE_BYTES:
+            raise ApiError(413, "too_large", f"the body exceeds {models.MAX_FILE_BYTES} bytes")
+        parts.append(chunk)
+    is_tar = request.headers.get("content-type", "").split(";")[0].strip() == TAR
+    script = _WRITE_TAR if is_tar else _WRITE_FILE
+    async with st.auto.activity(st, id), st.exec_slot(id):
+        r = await blocking(st, st.mgr.exec, id, ["sh", "-c", script, "sh", path], stdin=b"".join(parts),
+                           timeout=120)
+    if r.exit_code != 0:
+        raise ApiError(400, "invalid", f"writing {path} failed in the guest: {_guest_text(r.stderr)}")
+    return Response(status_code=204)

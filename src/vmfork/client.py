@@ -1,0 +1,495 @@
+"""The Python SDK of vmfork's HTTP API (``vmfork serve``): ``Client`` and ``AsyncClient``.
+
+    import vmfork
+    with vmfork.Client() as client:                  # <data-dir>/vmfork.sock, or VMFORK_HOST
+        box = client.instances.run("box", memory="256M")
+        print(box.exec(["uname", "-r"]).stdout)
+        box.standby()
+        forks = box.fork("kid", count=8)             # standby forks, copy-on-write
+        forks[0].restore()
+
+``host`` is a unix socket path (``/path/vmfork.sock`` or ``unix:///path/vmfork.sock``) or a
+TCP URL (``http://127.0.0.1:8080``, which needs ``token``, default env VMFORK_TOKEN). Errors
+are raised as :class:`APIError` subclasses, one per stable code, which are also the CLI's
+own error classes (``vmfork.errors``).
+"""
+
+from __future__ import annotations
+
+import base64
+import builtins
+import json
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+
+from vmfork import errors, models
+
+T = TypeVar("T")
+DEFAULT_TIMEOUT = 900.0
+
+
+class APIError(errors.VmforkError):
+    """An answer of the server that is a problem (RFC 9457)."""
+
+    code = "internal"
+
+    def __init__(self, status: int, code: str, detail: str, body: dict[str, Any] | None = None) -> None:
+        super().__init__(detail)
+        self.status, self.code, self.detail, self.body = status, code, detail, body or {}
+
+
+class InvalidError(APIError, errors.InvalidArgument):
+    pass
+
+
+class NotFoundError(APIError, errors.NotFound):
+    pass
+
+
+class AlreadyExistsError(APIError, errors.AlreadyExists):
+    pass
+
+
+class WrongStateError(APIError, errors.WrongState):
+    pass
+
+
+class BusyError(APIError, errors.Busy):
+    pass
+
+
+class NoSpaceError(APIError, errors.NoSpace):
+    pass
+
+
+class ExecAbortedError(APIError):
+    pass
+
+
+class AgentError(APIError):
+    pass
+
+
+class HypervisorError(APIError, errors.HypervisorError):
+    pass
+
+
+class UnauthorizedError(APIError):
+    pass
+
+
+class TooLargeError(APIError):
+    pass
+
+
+class UnreachableError(APIError):
+    """No answer from the server (not running, wrong host, connection lost)."""
+
+
+ERRORS: dict[str, type[APIError]] = {
+    "invalid": InvalidError, "unsupported": InvalidError, "not_found": NotFoundError,
+    "already_exists": AlreadyExistsError, "wrong_state": WrongStateError, "busy": BusyError,
+    "no_space": NoSpaceError, "exec_aborted": ExecAbortedError, "agent_error": AgentError,
+    "hypervisor_error": HypervisorError, "unauthorized": UnauthorizedError, "too_large": TooLargeError,
+}
+
+
+def raise_for_problem(resp: httpx.Response) -> None:
+    if resp.status_code < 400:
+        return
+    try:
+        body = resp.json()
+        code, detail = str(body.get("code", "internal")), str(body.get("detail", resp.text))
+    except (ValueError, AttributeError):
+        body, code, detail = {}, "internal", resp.text[:500]
+    raise ERRORS.get(code, APIError)(resp.status_code, code, detail, body)
+
+
+def _unreachable(where: str, e: Exception) -> UnreachableError:
+    return UnreachableError(0, "unreachable", f"cannot reach the vmfork server at {where}: {e or type(e).__name__}")
+
+
+def _default_host() -> str:
+    env = os.environ.get("VMFORK_HOST")
+    if env:
+        return env
+    from vmfork.paths import default_data_dir
+
+    data = os.environ.get("VMFORK_DATA_DIR")
+    return str((Path(data) if data else default_data_dir()) / "vmfork.sock")
+
+
+def _endpoint(host: str | None, token: str | None) -> tuple[str, str | None, dict[str, str]]:
+    """(base URL, unix socket path or None, headers)."""
+    host = host or _default_host()
+    token = token if token is not None else os.environ.get("VMFORK_TOKEN")
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    if host.startswith(("http://", "https://")):
+        return host.rstrip("/"), None, headers
+    path = host.removeprefix("unix://")
+    return "http://vmfork", path, headers
+
+
+def _exec_body(argv: list[str] | str, stdin: bytes | str, env: dict[str, str] | None, cwd: str | None,
+               timeout: float | None) -> dict[str, Any]:
+    args = ["sh", "-c", argv] if isinstance(argv, str) else list(argv)
+    body: dict[str, Any] = {"argv": args, "env": env, "cwd": cwd, "timeout": timeout}
+    if isinstance(stdin, bytes):
+        body["stdin_b64"] = base64.b64encode(stdin).decode() if stdin else None
+    else:
+        body["stdin"] = stdin
+    return body
+
+
+# --- sync -------------------------------------------------------------------------------------
+class Client:
+    def __init__(self, host: str | None = None, *, token: str | None = None,
+                 timeout: float = DEFAULT_TIMEOUT) -> None:
+        base, uds, headers = _endpoint(host, token)
+        self.base_url, self.uds = base, uds
+        transport = httpx.HTTPTransport(uds=uds) if uds else None
+        self.http = httpx.Client(base_url=base, transport=transport, headers=headers,
+                                 timeout=httpx.Timeout(timeout, connect=30.0))
+        self.instances = Instances(self)
+        self.snapshots = Snapshots(self)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.http.close()
+
+    def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        try:
+            resp = self.http.request(method, path, **kw)
+        except httpx.TransportError as e:
+            raise _unreachable(self.uds or self.base_url, e) from None
+        raise_for_problem(resp)
+        return resp
+
+    def json(self, method: str, path: str, **kw: Any) -> Any:
+        return self.request(method, path, **kw).json()
+
+    def health(self) -> models.Health:
+        return models.Health.model_validate(self.json("GET", "/health"))
+
+    def capabilities(self) -> models.Capabilities:
+        return models.Capabilities.model_validate(self.json("GET", "/capabilities"))
+
+    def resources(self) -> models.Resources:
+        return models.Resources.model_validate(self.json("GET", "/resources"))
+
+    def metrics(self) -> str:
+        return self.request("GET", "/metrics").text
+
+    def images(self) -> list[models.Image]:
+        return [models.Image.model_validate(d) for d in self.json("GET", "/images")]
+
+
+class Instance:
+    """One instance as the server last described it (``info``), with its operations."""
+
+    def __init__(self, client: Client, info: models.Instance) -> None:
+        self.client, self.info = client, info
+
+    def __repr__(self) -> str:
+        return f"Instance({self.info.name!r}, {self.info.state!r})"
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def id(self) -> str:
+        return self.info.id
+
+    @property
+    def state(self) -> str:
+        return self.info.state
+
+    def _path(self, suffix: str = "") -> str:
+        return f"/instances/{self.info.id}{suffix}"
+
+    def _action(self, what: str, body: dict[str, Any] | None = None, **params: Any) -> models.ActionResult:
+        r = models.ActionResult.model_validate(self.client.json("POST", self._path(f"/{what}"), json=body,
+                                                                params=params or None))
+        self.info = r.instance
+        return r
+
+    def refresh(self) -> Instance:
+        self.info = models.InstanceDetail.model_validate(self.client.json("GET", self._path()))
+        return self
+
+    def standby(self) -> models.ActionResult:
+        return self._action("standby")
+
+    def restore(self, *, overcommit: bool = False) -> models.ActionResult:
+        return self._action("restore", overcommit=overcommit) if overcommit else self._action("restore")
+
+    def stop(self, *, force: bool = False) -> models.ActionResult:
+        return self._action("stop", {"force": force})
+
+    def start(self, *, overcommit: bool = False) -> models.ActionResult:
+        return self._action("start", {"overcommit": overcommit})
+
+    def delete(self, *, force: bool = True) -> None:
+        self.client.request("DELETE", self._path(), params={"force": force})
+
+    def fork(self, name: str, *, count: int | None = None, from_running: bool = False,
+             target_state: str | None = None, partial: bool = False) -> list[Instance]:
+        body = {"name": name, "count": count, "from_running": from_running, "target_state": target_state,
+                "partial": partial}
+        r = models.ForkResult.model_validate(self.client.json("POST", self._path("/fork"), json=body))
+        return [Instance(self.client, i) for i in r.instances]
+
+    def exec(self, argv: list[str] | str, *, stdin: bytes | str = "", env: dict[str, str] | None = None,
+             cwd: str | None = None, timeout: float | None = None) -> models.ExecResult:
+        """Run ``argv`` (a string runs under ``sh -c``); output bounded (see stdout_dropped)."""
+        return models.ExecResult.model_validate(
+            self.client.json("POST", self._path("/exec"), json=_exec_body(argv, stdin, env, cwd, timeout)))
+
+    def exec_stream(self, argv: list[str] | str, *, stdin: bytes = b"", env: dict[str, str] | None = None,
+                    cwd: str | None = None, timeout: float | None = None,
+                    on_stdout: Callable[[bytes], None] | None = None,
+                    on_stderr: Callable[[bytes], None] | None = None) -> dict[str, Any]:
+        """Run ``argv`` over the WebSocket: output is passed to the callbacks as it comes;
+        returns the final ``{"type": "exit", "exit_code": ...}`` message."""
+        from httpx_ws import connect_ws
+
+        body = _exec_body(argv, "", env, cwd, timeout) | {"stream_stdin": True}
+        ws: Any
+        with connect_ws(self._path("/exec/ws"), self.client.http) as ws:
+            ws.send_text(json.dumps(body))
+            for i in range(0, len(stdin), 1 << 20):
+                ws.send_bytes(stdin[i:i + (1 << 20)])
+            ws.send_text(json.dumps({"type": "eof"}))
+            while True:
+                msg = ws.receive()
+                data = getattr(msg, "data", None)
+                if isinstance(data, bytes | bytearray):
+                    cb = on_stdout if data[:1] == b"\x01" else on_stderr
+                    if cb is not None:
+                        cb(bytes(data[1:]))
+                elif isinstance(data, str):
+                    final: dict[str, Any] = json.loads(data)
+                    if final.get("type") == "error":
+                        code = str(final.get("code", "internal"))
+                        raise ERRORS.get(code, APIError)(0, code, str(final.get("detail")), final)
+                    return final
+                else:
+                    raise AgentError(0, "agent_error", "the exec stream closed before its exit")
+
+    def read_file(self, path: str) -> bytes:
+        return self.client.request("GET", self._path("/files"), params={"path": path}).content
+
+    def write_file(self, path: str, data: bytes, *, tar: bool = False) -> None:
+        ctype = "application/x-tar" if tar else "application/octet-stream"
+        self.client.request("PUT", self._path("/files"), params={"path": path}, content=data,
+                            headers={"content-type": ctype})
+
+    def wait(self, state: str, timeout: float = 30.0) -> models.WaitResult:
+        r = models.WaitResult.model_validate(
+            self.client.json("GET", self._path("/wait"), params={"state": state, "timeout": timeout}))
+        self.info = r.instance
+        return r
+
+    def stats(self) -> models.Stats:
+        return models.Stats.model_validate(self.client.json("GET", self._path("/stats")))
+
+    def logs(self, tail: int = 100) -> list[str]:
+        text = self.client.request("GET", self._path("/logs"), params={"tail": tail}).text
+        return [line[6:] for line in text.split("\n") if line.startswith("data: ")]
+
+    def snapshot(self, name: str) -> models.SnapshotResult:
+        return models.SnapshotResult.model_validate(
+            self.client.json("POST", self._path("/snapshots"), json={"name": name}))
+
+
+class Instances:
+    def __init__(self, client: Client) -> None:
+        self.client = client
+
+    def run(self, name: str, *, memory: str = "256M", vcpus: int = 1, hypervisor: str = "qemu",
+            **options: Any) -> Instance:
+        """Create instance ``name`` and boot it (returns once its agent answers)."""
+        body = {"name": name, "memory": memory, "vcpus": vcpus, "hypervisor": hypervisor, **options}
+        return Instance(self.client, models.Instance.model_validate(
+            self.client.json("POST", "/instances", json=body)))
+
+    create = run
+
+    def list(self, state: str | None = None) -> list[Instance]:
+        rows = self.client.json("GET", "/instances", params={"state": state} if state else None)
+        return [Instance(self.client, models.Instance.model_validate(d)) for d in rows]
+
+    def get(self, ref: str) -> Instance:
+        return Instance(self.client, models.InstanceDetail.model_validate(
+            self.client.json("GET", f"/instances/{ref}")))
+
+
+class Snapshots:
+    def __init__(self, client: Client) -> None:
+        self.client = client
+
+    def list(self) -> list[models.Snapshot]:
+        return [models.Snapshot.model_validate(d) for d in self.client.json("GET", "/snapshots")]
+
+    def get(self, ref: str) -> models.Snapshot:
+        return models.Snapshot.model_validate(self.client.json("GET", f"/snapshots/{ref}"))
+
+    def create(self, instance: str, name: str) -> models.SnapshotResult:
+        return models.SnapshotResult.model_validate(
+            self.client.json("POST", f"/instances/{instance}/snapshots", json={"name": name}))
+
+    def delete(self, ref: str) -> None:
+        self.client.request("DELETE", f"/snapshots/{ref}")
+
+    def fork(self, ref: str, name: str, *, count: int | None = None, target_state: str = "standby") -> builtins.list[Instance]:
+        r = models.ForkResult.model_validate(self.client.json(
+            "POST", f"/snapshots/{ref}/fork", json={"name": name, "count": count, "target_state": target_state}))
+        return [Instance(self.client, i) for i in r.instances]
+
+
+# --- async ------------------------------------------------------------------------------------
+class AsyncClient:
+    """The same API for asyncio: ``await client.instances.run(...)``, ``await inst.exec(...)``."""
+
+    def __init__(self, host: str | None = None, *, token: str | None = None,
+                 timeout: float = DEFAULT_TIMEOUT) -> None:
+        base, uds, headers = _endpoint(host, token)
+        transport = httpx.AsyncHTTPTransport(uds=uds) if uds else None
+        self.http = httpx.AsyncClient(base_url=base, transport=transport, headers=headers,
+                                      timeout=httpx.Timeout(timeout, connect=30.0))
+        self.instances = AsyncInstances(self)
+        self.snapshots = AsyncSnapshots(self)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    async def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        try:
+            resp = await self.http.request(method, path, **kw)
+        except httpx.TransportError as e:
+            raise _unreachable(str(self.http.base_url), e) from None
+        raise_for_problem(resp)
+        return resp
+
+    async def json(self, method: str, path: str, **kw: Any) -> Any:
+        return (await self.request(method, path, **kw)).json()
+
+    async def health(self) -> models.Health:
+        return models.Health.model_validate(await self.json("GET", "/health"))
+
+
+class AsyncInstance:
+    def __init__(self, client: AsyncClient, info: models.Instance) -> None:
+        self.client, self.info = client, info
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def state(self) -> str:
+        return self.info.state
+
+    def _path(self, suffix: str = "") -> str:
+        return f"/instances/{self.info.id}{suffix}"
+
+    async def _action(self, what: str, body: dict[str, Any] | None = None) -> models.ActionResult:
+        r = models.ActionResult.model_validate(await self.client.json("POST", self._path(f"/{what}"), json=body))
+        self.info = r.instance
+        return r
+
+    async def refresh(self) -> AsyncInstance:
+        self.info = models.InstanceDetail.model_validate(await self.client.json("GET", self._path()))
+        return self
+
+    async def standby(self) -> models.ActionResult:
+        return await self._action("standby")
+
+    async def restore(self) -> models.ActionResult:
+        return await self._action("restore")
+
+    async def stop(self, *, force: bool = False) -> models.ActionResult:
+        return await self._action("stop", {"force": force})
+
+    async def start(self) -> models.ActionResult:
+        return await self._action("start", {})
+
+    async def delete(self, *, force: bool = True) -> None:
+        await self.client.request("DELETE", self._path(), params={"force": force})
+
+    async def fork(self, name: str, *, count: int | None = None, from_running: bool = False,
+                   target_state: str | None = None) -> list[AsyncInstance]:
+        body = {"name": name, "count": count, "from_running": from_running, "target_state": target_state}
+        r = models.ForkResult.model_validate(await self.client.json("POST", self._path("/fork"), json=body))
+        return [AsyncInstance(self.client, i) for i in r.instances]
+
+    async def exec(self, argv: list[str] | str, *, stdin: bytes | str = "", env: dict[str, str] | None = None,
+                   cwd: str | None = None, timeout: float | None = None) -> models.ExecResult:
+        return models.ExecResult.model_validate(await self.client.json(
+            "POST", self._path("/exec"), json=_exec_body(argv, stdin, env, cwd, timeout)))
+
+    async def read_file(self, path: str) -> bytes:
+        return (await self.client.request("GET", self._path("/files"), params={"path": path})).content
+
+    async def write_file(self, path: str, data: bytes) -> None:
+        await self.client.request("PUT", self._path("/files"), params={"path": path}, content=data,
+                                  headers={"content-type": "application/octet-stream"})
+
+
+class AsyncInstances:
+    def __init__(self, client: AsyncClient) -> None:
+        self.client = client
+
+    async def run(self, name: str, *, memory: str = "256M", vcpus: int = 1, **options: Any) -> AsyncInstance:
+        body = {"name": name, "memory": memory, "vcpus": vcpus, **options}
+        return AsyncInstance(self.client, models.Instance.model_validate(
+            await self.client.json("POST", "/instances", json=body)))
+
+    async def list(self, state: str | None = None) -> list[AsyncInstance]:
+        rows = await self.client.json("GET", "/instances", params={"state": state} if state else None)
+        return [AsyncInstance(self.client, models.Instance.model_validate(d)) for d in rows]
+
+    async def get(self, ref: str) -> AsyncInstance:
+        return AsyncInstance(self.client, models.InstanceDetail.model_validate(
+            await self.client.json("GET", f"/instances/{ref}")))
+
+
+class AsyncSnapshots:
+    def __init__(self, client: AsyncClient) -> None:
+        self.client = client
+
+    async def list(self) -> list[models.Snapshot]:
+        return [models.Snapshot.model_validate(d) for d in await self.client.json("GET", "/snapshots")]
+
+    async def create(self, instance: str, name: str) -> models.SnapshotResult:
+        return models.SnapshotResult.model_validate(
+            await self.client.json("POST", f"/instances/{instance}/snapshots", json={"name": name}))
+
+    async def fork(self, ref: str, name: str, *, count: int | None = None,
+                   target_state: str = "standby") -> builtins.list[AsyncInstance]:
+        r = models.ForkResult.model_validate(await self.client.json(
+            "POST", f"/snapshots/{ref}/fork", json={"name": name, "count": count, "target_state": target_state}))
+        return [AsyncInstance(self.client, i) for i in r.instances]
+
+
+def iter_sse(resp: httpx.Response) -> Iterator[str]:
+    """The ``data:`` lines of a server-sent event stream (``/logs?follow=true``)."""
+    for line in resp.iter_lines():
+        if line.startswith("data: "):
+            yield line[6:]

@@ -1,0 +1,141 @@
+"""The CLI through a server (``vmfork --host`` / ``VMFORK_HOST``): the Manager calls the CLI
+makes, answered by the HTTP API. Commands not covered here say so in one line."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vmfork.errors import InvalidArgument
+
+
+@dataclass
+class RemoteInstance:
+    """What the CLI reads of an instance (``name``, ``id``, ``accel``, ``dir``), as the
+    server described it."""
+
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return str(self.info["name"])
+
+    @property
+    def id(self) -> str:
+        return str(self.info["id"])
+
+    @property
+    def accel(self) -> str:
+        return str(self.info.get("accel", ""))
+
+    @property
+    def dir(self) -> Path:
+        return Path(str(self.info.get("dir", ".")))
+
+    @property
+    def g(self) -> Any:
+        raise InvalidArgument("this command reads the instance's files: it is not available through --host")
+
+
+@dataclass
+class RemoteExec:
+    exit_code: int
+    timed_out: bool
+    signal: int | None
+
+
+class RemoteManager:
+    def __init__(self, host: str) -> None:
+        from vmfork.client import Client
+
+        self.client = Client(host)
+
+    def _inst(self, d: dict[str, Any]) -> RemoteInstance:
+        return RemoteInstance(d)
+
+    def recover(self) -> list[str]:
+        return []  # the server recovers its data dir when it starts
+
+    def instances(self) -> list[RemoteInstance]:
+        return [self._inst(d) for d in self.client.json("GET", "/instances")]
+
+    def find(self, ref: str) -> RemoteInstance:
+        return self._inst(self.client.json("GET", f"/instances/{ref}"))
+
+    def describe(self, inst: RemoteInstance, *, detail: bool = False) -> dict[str, Any]:
+        d = self.client.json("GET", f"/instances/{inst.id}") if detail else inst.info
+        return {k: v for k, v in d.items() if k != "seconds"}
+
+    def run(self, name: str, *, memory_mib: int = 256, vcpus: int = 1, hypervisor: str = "qemu",
+            accel: str = "auto", limits: dict[str, Any] | None = None, overcommit: bool = False,
+            network: Any = None) -> RemoteInstance:
+        lim = limits or {}
+        net: dict[str, Any] = {}
+        if network is not None and network.enabled:
+            if network.subnet:
+                raise InvalidArgument("--subnet is not available through --host")
+            net = {"network": network.mode, "publish": [str(p) for p in network.publish],
+                   "egress": network.egress, "allow": list(network.allow)}
+        body = {"name": name, "memory": f"{memory_mib}M", "vcpus": vcpus, "hypervisor": hypervisor, "accel": accel,
+                "cpus": lim.get("cpus"), "pids_limit": lim.get("pids"), "io_weight": lim.get("io_weight"),
+                "memory_limit": f"{lim['memory_limit_mib']}M" if lim.get("memory_limit_mib") else None,
+                "overcommit": overcommit, **net}
+        return self._inst(self.client.json("POST", "/instances", json=body))
+
+    def _action(self, ref: str, what: str, body: dict[str, Any] | None = None,
+                params: dict[str, Any] | None = None) -> dict[str, Any]:
+        r: dict[str, Any] = self.client.json("POST", f"/instances/{ref}/{what}", json=body, params=params)
+        return r
+
+    def start(self, ref: str, *, overcommit: bool = False) -> RemoteInstance:
+        return self._inst(self._action(ref, "start", {"overcommit": overcommit})["instance"])
+
+    def stop(self, ref: str, *, force: bool = False) -> str:
+        return str(self._action(ref, "stop", {"force": force})["result"])
+
+    def rm(self, ref: str, *, force: bool = False) -> None:
+        self.client.request("DELETE", f"/instances/{ref}", params={"force": force})
+
+    def standby(self, ref: str) -> dict[str, Any]:
+        t: dict[str, Any] = self._action(ref, "standby")["timings"]
+        return t
+
+    def restore(self, ref: str, *, overcommit: bool = False) -> dict[str, Any]:
+        t: dict[str, Any] = self._action(ref, "restore", params={"overcommit": overcommit} if overcommit else None)[
+            "timings"]
+        return t
+
+    def fork(self, src_ref: str, name: str, *, from_running: bool = False, target_state: str | None = None,
+             overcommit: bool = False, publish: Any = ()) -> tuple[RemoteInstance, dict[str, Any]]:
+        if publish:
+            raise InvalidArgument("fork -p is not available through --host yet")
+        forks, t = self.fork_count(src_ref, name, count=None, from_running=from_running,
+                                   target_state=target_state, overcommit=overcommit)
+        return forks[0], t
+
+    def fork_count(self, src_ref: str, name: str, *, count: int | None, from_running: bool = False,
+                   target_state: str | None = None, partial: bool = False,
+                   overcommit: bool = False, publish: Any = ()) -> tuple[list[RemoteInstance], dict[str, Any]]:
+        if publish:
+            raise InvalidArgument("fork -p is not available through --host yet")
+        body = {"name": name, "count": count, "from_running": from_running, "target_state": target_state,
+                "partial": partial, "overcommit": overcommit}
+        r = self.client.json("POST", f"/instances/{src_ref}/fork", json=body)
+        return [self._inst(d) for d in r["instances"]], r["timings"]
+
+    def exec(self, ref: str, argv: list[str], *, stdin: bytes = b"", timeout: float | None = None,
+             env: dict[str, str] | None = None, cwd: str | None = None,
+             on_stdout: Callable[[bytes], None] | None = None,
+             on_stderr: Callable[[bytes], None] | None = None, **_: Any) -> RemoteExec:
+        from vmfork.client import Instance
+        from vmfork.models import Instance as InstanceModel
+
+        inst = Instance(self.client, InstanceModel.model_validate(self.client.json("GET", f"/instances/{ref}")))
+        final = inst.exec_stream(argv, stdin=stdin, env=env, cwd=cwd, timeout=timeout,
+                                 on_stdout=on_stdout, on_stderr=on_stderr)
+        return RemoteExec(int(final["exit_code"]), bool(final.get("timed_out")), final.get("signal"))
+
+    def __getattr__(self, name: str) -> Any:
+        raise InvalidArgument(f"this command ({name}) is not available through --host yet: run it without --host")

@@ -1,0 +1,153 @@
+"""The HTTP API's parts that need no guest: problem codes, the token, metrics, the socket,
+the committed OpenAPI document, and the app answering in-process (no instance involved)."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from vmfork import errors
+from vmfork.api import problems
+from vmfork.api.auth import TokenCheck, ensure_token
+from vmfork.api.metrics import Metrics
+from vmfork.api.server import bind_unix, parse_listen
+
+
+@pytest.mark.parametrize(("exc", "status", "code"), [
+    (errors.InvalidArgument("x"), 400, "invalid"),
+    (errors.NotFound("x"), 404, "not_found"),
+    (errors.AlreadyExists("x"), 409, "already_exists"),
+    (errors.WrongState("x"), 409, "wrong_state"),
+    (errors.Busy("x"), 409, "busy"),
+    (errors.NoSpace("x"), 507, "no_space"),
+    (errors.ExecAborted("x"), 409, "exec_aborted"),
+    (errors.AgentTimeout("x"), 502, "agent_error"),
+    (errors.HypervisorError("x"), 500, "hypervisor_error"),
+    (errors.ExternalToolError("mkfs", "boom"), 500, "external_tool_error"),
+    (errors.VmforkError("x"), 500, "internal"),
+])
+def test_every_error_class_has_its_code(exc: Exception, status: int, code: str) -> None:
+    assert problems.classify(exc) == (status, code)
+
+
+def test_sdk_raises_the_class_of_each_code() -> None:
+    import httpx
+
+    from vmfork import client
+
+    for code, cls in client.ERRORS.items():
+        resp = httpx.Response(409, json={"code": code, "detail": "d", "status": 409})
+        with pytest.raises(cls) as ei:
+            client.raise_for_problem(resp)
+        assert ei.value.code == code and ei.value.status == 409
+    with pytest.raises(errors.NotFound):  # the CLI's own class too
+        client.raise_for_problem(httpx.Response(404, json={"code": "not_found", "detail": "x"}))
+
+
+def test_token_made_once_0600_and_rotated(tmp_path: Path) -> None:
+    tok = ensure_token(tmp_path)
+    assert ensure_token(tmp_path) == tok
+    assert stat.S_IMODE((tmp_path / "api-token").stat().st_mode) == 0o600
+    check = TokenCheck(tmp_path)
+    assert check.ok(f"Bearer {tok}") and not check.ok(None) and not check.ok("Bearer nope")
+    assert not check.ok(f"Basic {tok}")
+    new = ensure_token(tmp_path, rotate=True)
+    assert new != tok and check.ok(f"Bearer {new}") and not check.ok(f"Bearer {tok}")
+
+
+def test_metrics_text(tmp_path: Path) -> None:
+    m = Metrics()
+    with m.timed("fork"):
+        pass
+    with pytest.raises(ValueError), m.timed("exec"):
+        raise ValueError
+    text = m.render({"running": 2, "standby": 1})
+    assert 'vmfork_instances{state="running"} 2' in text
+    assert 'vmfork_operation_seconds_count{operation="fork",outcome="ok"} 1' in text
+    assert 'vmfork_operation_seconds_bucket{operation="exec",outcome="error",le="+Inf"} 1' in text
+
+
+def test_unix_socket_is_0600_and_a_live_one_is_refused(tmp_path: Path) -> None:
+    old = os.umask(0)  # even so
+    try:
+        s = bind_unix(tmp_path / "vmfork.sock")
+    finally:
+        os.umask(old)
+    try:
+        assert stat.S_IMODE((tmp_path / "vmfork.sock").stat().st_mode) == 0o600
+        with pytest.raises(errors.AlreadyExists):
+            bind_unix(tmp_path / "vmfork.sock")
+    finally:
+        s.close()
+    stale = bind_unix(tmp_path / "vmfork.sock")  # closed: a stale socket file is replaced
+    stale.close()
+    assert stat.S_ISSOCK((tmp_path / "vmfork.sock").stat().st_mode)
+
+
+def test_parse_listen() -> None:
+    assert parse_listen("127.0.0.1:8080") == ("127.0.0.1", 8080)
+    assert parse_listen(":9") == ("127.0.0.1", 9)
+    for bad in ("8080", "host:", "h:99999", "h:x"):
+        with pytest.raises(errors.InvalidArgument):
+            parse_listen(bad)
+
+
+def test_committed_openapi_document_is_current() -> None:
+    from vmfork.api import openapi
+
+    assert openapi.DOC.read_text() == openapi.render(), "run: python -m vmfork.api.openapi"
+
+
+def test_app_in_process(tmp_path: Path) -> None:
+    """The app over an empty data dir through Starlette's test client (no guest needed):
+    problems for unknown ids and bad bodies."""
+    from fastapi.testclient import TestClient
+
+    from vmfork.api.app import create_app
+
+    auth = {"Authorization": f"Bearer {ensure_token(tmp_path)}"}  # the test client looks like TCP
+    with TestClient(create_app(tmp_path), headers=auth) as c:
+        assert c.get("/health").json()["status"] == "ok"
+        assert c.get("/instances").json() == []
+        r = c.get("/instances/nope")
+        assert r.status_code == 404 and r.headers["content-type"] == "application/problem+json"
+        assert r.json()["code"] == "not_found"
+        r = c.post("/instances", json={"name": "ok", "vcpus": 0})
+        assert r.status_code == 400 and r.json()["code"] == "invalid" and "vcpus" in r.json()["detail"]
+        r = c.post("/instances", json={"name": "ok", "auto_standby": 0.5})
+        assert r.status_code == 400 and "auto_standby" in r.json()["detail"]
+        r = c.post("/instances", json={"name": "ok", "publish": ["80"]})
+        assert r.status_code == 400 and "invalid -p '80'" in r.json()["detail"]
+        assert "vmfork_instances" in c.get("/metrics").text
+        assert c.get("/openapi.json").json()["info"]["title"] == "vmfork"
+
+
+def test_tcp_needs_the_token(tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from vmfork.api.app import create_app
+
+    tok = ensure_token(tmp_path)
+    app = create_app(tmp_path)
+    # The test client reports a TCP server address (testserver:80): as over --listen.
+    with TestClient(app) as c:
+        assert c.get("/health", headers={"Authorization": f"Bearer {tok}"}).status_code == 200
+        r = c.get("/health")
+        assert r.status_code == 401 and r.json()["code"] == "unauthorized"
+        assert r.headers["www-authenticate"] == "Bearer"
+
+
+
+def test_auto_standby_settings_persist(tmp_path: Path) -> None:
+    from vmfork.api.idle import AutoStandby
+
+    a = AutoStandby(tmp_path)
+    assert a.settings() == {}
+    a.set("abc", 30)
+    assert AutoStandby(tmp_path).settings() == {"abc": 30.0}  # a restarted server reads them
+    assert stat.S_IMODE((tmp_path / "api").stat().st_mode) == 0o700
+    a.set("abc", None)
+    assert AutoStandby(tmp_path).settings() == {}
