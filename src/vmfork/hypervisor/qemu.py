@@ -56,6 +56,17 @@ def host_tsc_khz() -> int:
     raise HypervisorError("cannot read the host CPU frequency from /proc/cpuinfo")
 
 
+#: TCG's translated-code buffer (MiB). QEMU 7.2 reserves 1 GiB and touches what it fills,
+#: which grew to 6-14 MiB of every fork's own memory; a full buffer is flushed and code is
+#: translated again. VMFORK_TCG_TB_MIB overrides it (0: QEMU's default).
+TCG_TB_MIB = 0
+
+
+def tcg_tb_mib() -> int:
+    v = os.environ.get("VMFORK_TCG_TB_MIB", "")
+    return int(v) if v.isdigit() else TCG_TB_MIB
+
+
 class QemuHypervisor(Hypervisor):
     name = "qemu"
     capabilities = Capabilities(file_backed_memory=True, live_snapshot=True, shared_template=True)
@@ -95,7 +106,7 @@ class QemuHypervisor(Hypervisor):
         args = [
             self.binary,
             "-name", f"vmfork-{cfg.id or 'probe'},debug-threads=on",
-            "-accel", cfg.accel,
+            "-accel", cfg.accel + (f",tb-size={tcg_tb_mib()}" if cfg.accel == "tcg" and tcg_tb_mib() else ""),
             *(["-cpu", "host"] if cfg.accel == "kvm" else []),
             "-no-user-config", "-nodefaults", "-display", "none", "-no-reboot",
             "-smp", str(cfg.vcpus), "-m", mem,
