@@ -154,16 +154,20 @@ def _now() -> str:
 
 
 # --- shared templates -------------------------------------------------------------------------
-def name_template(hv: Any, snap: Path, template: Callable[[], Path], memory_bytes: int) -> None:
+def name_template(hv: Any, snap: Path, template: Callable[[], Path | None], memory_bytes: int) -> None:
     """Let the fork whose fresh snapshot is ``snap`` run from its source's template (made by
-    ``template()``) rather than from its own clone, where the backend and this host allow it
-    (``hypervisor.shared_ram``): the template's path goes into the snapshot's config."""
+    ``template()``, None if there can be none) rather than from its own clone, where the
+    backend and this host allow it (``hypervisor.shared_ram``): the template's path goes into
+    the snapshot's config."""
     from vmfork.hypervisor import shared_ram
 
     if not (hv.capabilities.shared_template and shared_ram.enabled()):
         return
+    path = template()
+    if path is None:
+        return
     cfg = util.read_json(snap / "config.json")
-    cfg["template"] = str(template())
+    cfg["template"] = str(path)
     util.atomic_write_json(snap / "config.json", cfg, durable=False)
     integrity.write_manifest(snap, memory_bytes)
 
