@@ -21,6 +21,7 @@ from typing import Any
 from vmfork import util
 from vmfork.bench import probes
 from vmfork.bench.bare import bare_quit, bare_restore
+from vmfork.bench.density import density
 from vmfork.bench.stats import Record, median, ratio_record, record
 from vmfork.forkvm import clone_file
 from vmfork.forkvm.copier import default_skip
@@ -61,6 +62,7 @@ class Plan:
     dirty: list[int] = field(default_factory=lambda: [1, 64])
     loop_mib: int = 12288
     root_ext4: bool = True  # also fork vs copy on the host's ext4 (where the work dir is)
+    density: list[int] = field(default_factory=lambda: [1, 4, 16])  # forks running side by side
 
     @classmethod
     def for_mode(cls, mode: str) -> Plan:
@@ -69,11 +71,13 @@ class Plan:
                        fanout_runs=2, standby_runs=3, lifecycle_runs=4, configs=list(CONFIGS), running_forks=8)
         if mode == "quick":
             return cls(mode, runs=3, breakdown_runs=5, sizes=[128, 512], fanout=[1, 4], fanout_runs=1,
-                       standby_runs=1, lifecycle_runs=3, configs=["vmfork", "qemu-default"], running_forks=4, loop_mib=6144)
+                       standby_runs=1, lifecycle_runs=3, configs=["vmfork", "qemu-default"], running_forks=4, loop_mib=6144,
+                       density=[1, 4])
         if mode == "smoke":
             return cls(mode, runs=2, breakdown_runs=2, sizes=[128], fanout=[1, 2], fanout_runs=1, standby_runs=1,
                        lifecycle_runs=1, configs=["vmfork", "qemu-default"], running_forks=2,
-                       base_mib=128, dirty=[1, 8], loop_mib=4096, timing_configs=["vmfork"], root_ext4=False)
+                       base_mib=128, dirty=[1, 8], loop_mib=4096, timing_configs=["vmfork"], root_ext4=False,
+                       density=[1, 2])
         raise ValueError(f"unknown mode {mode!r}")
 
 
@@ -602,6 +606,7 @@ class Bench:
             self.fanout()
             self.disk_per_fork()
             self.confinement_cost()
+            density(self)
         for (config, mib), v in sorted(self.boots.items()):
             self.add("boot_ms", v, "ms", config=config, guest_mib=mib)
         for (config, mib), v in sorted(self.boot_cpu.items()):

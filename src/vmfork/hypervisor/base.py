@@ -35,6 +35,9 @@ class Capabilities:
     restore_consumes_snapshot: bool = True
     # True: ``snapshot_live`` takes a snapshot of a running guest and leaves it running.
     live_snapshot: bool = False
+    # True (QEMU): a fork can run from its source's shared, read-only template mem-file
+    # (``VMConfig.template``, see ``hypervisor.shared_ram``).
+    shared_template: bool = False
 
 
 @dataclass
@@ -62,6 +65,9 @@ class VMConfig:
     # and the kind of snapshot (Firecracker: "Full" or "Diff").
     snapshot_version: str = ""
     snapshot_type: str = ""
+    # A fork's snapshot: the immutable mem-file of its source it may run from (mapped
+    # private, shared with the other forks of that source); its own ``memory`` is a clone of it.
+    template: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -23,6 +23,7 @@ from vmfork import confine
 from vmfork.errors import HypervisorError
 from vmfork.fs import has_shared_extents
 from vmfork.guest.agent import AgentClient
+from vmfork.hypervisor import shared_ram
 from vmfork.hypervisor.base import (
     Capabilities,
     Hypervisor,
@@ -63,9 +64,20 @@ BOOT_TRIM = ("cryptomgr.notests", "audit=0",
              "initcall_blacklist=crypto_kdf108_init,init_kprobe_trace,trace_eval_init")
 
 
+#: TCG's translated-code buffer (MiB). QEMU 7.2 reserves 1 GiB and touches what it fills,
+#: which grew to 6-14 MiB of every fork's own memory; a full buffer is flushed and code is
+#: translated again. VMFORK_TCG_TB_MIB overrides it (0: QEMU's default).
+TCG_TB_MIB = 0
+
+
+def tcg_tb_mib() -> int:
+    v = os.environ.get("VMFORK_TCG_TB_MIB", "")
+    return int(v) if v.isdigit() else TCG_TB_MIB
+
+
 class QemuHypervisor(Hypervisor):
     name = "qemu"
-    capabilities = Capabilities(file_backed_memory=True, live_snapshot=True)
+    capabilities = Capabilities(file_backed_memory=True, live_snapshot=True, shared_template=True)
 
     def __init__(self, binary: str | None = None) -> None:
         self.binary = binary or os.environ.get("VMFORK_QEMU_BIN") or BINARY
@@ -96,16 +108,19 @@ class QemuHypervisor(Hypervisor):
         likewise for ``run/agent.sock`` (a confined QEMU cannot create files in ``run/``).
         """
         mem = f"{cfg.memory_mib}M"
+        template = shared_ram.usable_template(cfg.template, cfg.memory_mib << 20)
+        # A fork maps its source's template private (its writes are its own); else its own file.
+        backing = f"mem-path={template},share=off" if template else "mem-path=memory,share=on"
         qmp = (["-chardev", f"socket,id=qmp,fd={qmp_fd},server=on,wait=off", "-mon", "chardev=qmp,mode=control"]
                if qmp_fd is not None else ["-qmp", "unix:run/qmp.sock,server=on,wait=off"])
         args = [
             self.binary,
             "-name", f"vmfork-{cfg.id or 'probe'},debug-threads=on",
-            "-accel", cfg.accel,
+            "-accel", cfg.accel + (f",tb-size={tcg_tb_mib()}" if cfg.accel == "tcg" and tcg_tb_mib() else ""),
             *(["-cpu", "host"] if cfg.accel == "kvm" else []),
             "-no-user-config", "-nodefaults", "-display", "none", "-no-reboot",
             "-smp", str(cfg.vcpus), "-m", mem,
-            "-object", f"memory-backend-file,id=mem,size={mem},mem-path=memory,share=on",
+            "-object", f"memory-backend-file,id=mem,size={mem},{backing}",
             "-M", "microvm,x-option-roms=off,pit=off,pic=off,isa-serial=on,rtc=on,memory-backend=mem",
             "-kernel", str(image.vmlinux), "-initrd", str(image.initramfs),
             "-append", cfg.cmdline,
@@ -129,6 +144,8 @@ class QemuHypervisor(Hypervisor):
                      "-device", "virtio-blk-device,drive=image"]
         if incoming:  # paused after the load (-S), until 'cont'
             args += ["-S", "-incoming", "defer"]
+            if cfg.snapshot_type == shared_ram.DEVICES:  # xen-save-devices-state writes no configuration
+                args += ["-global", "migration.send-configuration=off"]
         return args
 
     # --- process ------------------------------------------------------------------------
@@ -198,10 +215,7 @@ class QemuHypervisor(Hypervisor):
             with self._qmp(g, proc) as q:
                 t_qmp = time.monotonic()
                 q.execute("stop")
-                q.set_migration_capabilities()
-                q.pass_fd(fd, "vmfork-state")
-                q.execute("migrate", {"uri": "fd:vmfork-state"})
-                q.wait_migration()  # completed: QEMU has written and flushed the whole stream
+                self._save_state(q, g, cfg, proc, into, fd)
                 t_state = time.monotonic()
                 crashpoint("standby:state-written")
                 if state_written is not None:
@@ -225,6 +239,31 @@ class QemuHypervisor(Hypervisor):
         return SaveResult({"qmp_s": t_qmp - t0, "state_s": t_state - t_qmp, "quit_s": t_quit - t_state,
                            "exit_s": t1 - t_quit})
 
+    def _save_state(self, q: QMP, g: GuestDir, cfg: VMConfig, proc: ProcRef, into: Path, fd: int) -> None:
+        """Write the stopped guest's ``state`` into ``into`` (``fd`` is ``into/state``).
+
+        A fork running from a template (``shared_ram``): its own pages into its own clone
+        ``g.memory``, then the device state alone; the snapshot's config says so
+        (``cfg.snapshot_type``, ``cfg.template`` cleared: its mem-file is the whole RAM now).
+        Any other guest: the device state by migration, its RAM being its shared file.
+        (``cfg`` is the one the VMM was started with: its ``snapshot_type`` says how.)
+        """
+        size = cfg.memory_mib << 20
+        m = shared_ram.mapping_of(proc.pid, Path(cfg.template), size) if cfg.template else None
+        if m is not None:
+            ram = shared_ram.PrivateRam(proc.pid, m.start, shared_ram.private_pages(proc.pid, m.start, size))
+            shared_ram.write_private(ram, g.memory, m)
+            q.execute("xen-save-devices-state", {"filename": str(into.resolve() / "state"), "live": False})
+            cfg.template, cfg.snapshot_type = "", shared_ram.DEVICES
+            return
+        q.set_migration_capabilities()
+        q.pass_fd(fd, "vmfork-state")
+        q.execute("migrate", {"uri": "fd:vmfork-state"})
+        q.wait_migration()  # completed: QEMU has written and flushed the whole stream
+        # A VMM restored from a device-state stream runs with send-configuration=off: its
+        # streams carry no configuration section either (snapshot_type stays DEVICES).
+        cfg.template = ""
+
     def snapshot_live(self, g: GuestDir, cfg: VMConfig, proc: ProcRef, into: Path, *,
                       while_paused: Callable[[], None]) -> SaveResult:
         """Standby's migration of the device state, then the manager's clone of the RAM file
@@ -233,14 +272,11 @@ class QemuHypervisor(Hypervisor):
         fd = os.open(into / "state", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             with self._qmp(g, proc) as q:
-                q.set_migration_capabilities()
-                q.pass_fd(fd, "vmfork-state")
                 was_running = q.execute("query-status").get("status") == "running"
                 t_stop = time.monotonic()
                 q.execute("stop")
                 try:
-                    q.execute("migrate", {"uri": "fd:vmfork-state"})
-                    q.wait_migration()
+                    self._save_state(q, g, cfg, proc, into, fd)
                     t_state = time.monotonic()
                     crashpoint("snapshot:state-written")
                     while_paused()

@@ -45,6 +45,7 @@ from vmfork.fs import set_cow_extent_size_hint
 from vmfork.guest.agent import MAX_BUFFERED_OUTPUT, ExecResult, wait_ready
 from vmfork.hypervisor import get_hypervisor, resolve_accel
 from vmfork.hypervisor.base import Hypervisor, VMConfig, tail, vmm_record
+from vmfork.hypervisor.shared_ram import TEMPLATES, ensure_template
 from vmfork.instances import integrity, snapshot_ops
 from vmfork.instances.model import Instance, new_mac
 from vmfork.layout import GuestDir
@@ -91,7 +92,7 @@ def _guest_skip(rel: Path, st: os.stat_result) -> bool:
     parts = rel.parts
     if not parts:
         return False
-    if parts[0] in ("run", "logs", "memory", "instance.json"):
+    if parts[0] in ("run", "logs", "memory", "instance.json", TEMPLATES):
         return True
     if parts[0] == "snapshots" and len(parts) > 1 and (parts[1].startswith(".") or parts[1] == "snapshot-base"):
         return True
@@ -1017,6 +1018,8 @@ class Manager:
                 snap = GuestDir(tmp).snapshot_latest
                 if self.hypervisor(src).prepare_fork(GuestDir(self.dd.guests / iid), snap):
                     integrity.write_manifest(snap, src.memory_mib << 20)  # its own state now
+                snapshot_ops.name_template(self.hypervisor(src), snap, lambda: ensure_template(
+                    src.g.snapshot_latest / "memory", src.dir), src.memory_mib << 20)
                 crashpoint("fork:cloned")
                 t_meta = time.monotonic()
                 fork = Instance(

@@ -22,6 +22,7 @@ from vmfork.forkvm import clone_file, clone_tree
 from vmfork.forkvm.copier import fsync_tree
 from vmfork.hypervisor import get_hypervisor
 from vmfork.hypervisor.base import VMConfig, vmm_record
+from vmfork.hypervisor.shared_ram import ensure_template
 from vmfork.instances import integrity
 from vmfork.instances.model import Instance, new_mac
 from vmfork.layout import GuestDir
@@ -152,6 +153,25 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
+# --- shared templates -------------------------------------------------------------------------
+def name_template(hv: Any, snap: Path, template: Callable[[], Path | None], memory_bytes: int) -> None:
+    """Let the fork whose fresh snapshot is ``snap`` run from its source's template (made by
+    ``template()``, None if there can be none) rather than from its own clone, where the
+    backend and this host allow it (``hypervisor.shared_ram``): the template's path goes into
+    the snapshot's config."""
+    from vmfork.hypervisor import shared_ram
+
+    if not (hv.capabilities.shared_template and shared_ram.enabled()):
+        return
+    path = template()
+    if path is None:
+        return
+    cfg = util.read_json(snap / "config.json")
+    cfg["template"] = str(path)
+    util.atomic_write_json(snap / "config.json", cfg, durable=False)
+    integrity.write_manifest(snap, memory_bytes)
+
+
 # --- fork, N at a time ------------------------------------------------------------------------
 Build = Callable[[Path], None]
 
@@ -179,6 +199,7 @@ def fork_snapshot(mgr: Manager, ref: str, name: str, *, count: int | None = None
             for f in SNAP_FILES:
                 clone_file(snap.dir / f, latest / f)
             clone_file(snap.dir / "disk.raw", tmp / "disk.raw")
+            name_template(hv, latest, lambda: snap.dir / "memory", snap.memory_mib << 20)  # immutable
 
         template = {"hypervisor": snap.hypervisor, "accel": snap.accel, "memory_mib": snap.memory_mib,
                     "vcpus": snap.vcpus, "image_digest": snap.image_digest, "parent_id": snap.id,
@@ -217,6 +238,8 @@ def fork_instance(mgr: Manager, src_ref: str, name: str, *, count: int, from_run
                 for d in (tmp, tmp / "logs"):  # not the source VMM's 0710 root:<its gid>
                     if d.is_dir():
                         os.chmod(d, 0o700)
+                name_template(mgr.hypervisor(src), GuestDir(tmp).snapshot_latest, lambda: ensure_template(
+                    src.g.snapshot_latest / "memory", src.dir), src.memory_mib << 20)
 
             template = {"hypervisor": src.hypervisor, "accel": src.accel, "memory_mib": src.memory_mib,
                         "vcpus": src.vcpus, "image_digest": src.image_digest, "parent_id": src.id,

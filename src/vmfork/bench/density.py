@@ -1,0 +1,114 @@
+"""Density of running forks: the guest RAM they hold together against one fork alone.
+
+A source writes ``STATE_MIB`` of fresh pages into its RAM (a tmpfs file) and stands by; N
+forks of it run side by side, and their guest-RAM PSS (the PSS of the VMM's mapping of guest
+RAM, from ``/proc/PID/smaps``) is summed:
+- ``idle``: right after the restore;
+- ``warmed``: each fork has read the state its source wrote (as a forked process reads its
+  heap);
+- ``dirty16``: each fork has then written 16 MiB of its own.
+With a shared template (``hypervisor.shared_ram``, mode ``shared``) against each fork on its
+own clone (mode ``clone``, ``VMFORK_SHARED_RAM=0``); both with VMMs unconfined, which the
+shared template needs on QEMU 7.2. The VMM's own PSS (everything but guest RAM) is recorded
+alongside.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from vmfork.bench.runner import Bench
+    from vmfork.bench.stats import Record
+    from vmfork.instances.manager import Manager
+
+MiB = 1 << 20
+STATE_MIB = 64
+DIRTY_MIB = 16
+MODES = {"shared": {"VMFORK_CONFINE": "0", "VMFORK_SHARED_RAM": "auto"},
+         "clone": {"VMFORK_CONFINE": "0", "VMFORK_SHARED_RAM": "0"}}
+
+
+def ram_and_vmm_pss(pid: int, ram_bytes: int) -> tuple[int, int]:
+    """(PSS of the guest-RAM mapping, PSS of everything else) of a VMM, in bytes. The guest
+    RAM mapping is the file mapping of exactly the guest's RAM size."""
+    ram = other = 0
+    size = 0
+    is_ram = False
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        f = line.split()
+        if not f:
+            continue
+        if not f[0].endswith(":"):  # a mapping's header: start-end perms offset dev inode [path]
+            lo, hi = (int(x, 16) for x in f[0].split("-"))
+            size = hi - lo
+            is_ram = size == ram_bytes and len(f) >= 6 and f[5].startswith("/")
+        elif f[0] == "Pss:":
+            kb = int(f[1]) * 1024
+            if is_ram:
+                ram += kb
+            else:
+                other += kb
+    return ram, other
+
+
+def density(bench: Bench) -> None:
+    from vmfork.bench.runner import env
+
+    fs = "xfs" if "xfs" in bench.mounts else next(iter(bench.mounts))
+    mib = bench.plan.base_mib
+    for mode, values in MODES.items():
+        with env(values):
+            m = _manager(bench, fs, mode)
+            if not any(i.name == "dsrc" for i in m.instances()):
+                bench.say(f"[8] density/{mode}: source with {STATE_MIB} MiB of state")
+                bench.boot(m, "dsrc", mib)
+                bench.write_in_guest(m, "dsrc", STATE_MIB, "state")
+                m.standby("dsrc")
+            single: dict[str, Record] = {}
+            for n in bench.plan.density:
+                bench.say(f"[8] density/{mode}: {n} forks running")
+                names = [f"dn-{k}" for k in range(n)]
+                for name in names:
+                    m.fork("dsrc", name, target_state="running")
+                for phase in ("idle", "warmed", "dirty16"):
+                    if phase == "warmed":
+                        for name in names:
+                            bench.sh(m, name, "md5sum /tmp/state/f")  # reads it (cat to /dev/null may splice)
+                    elif phase == "dirty16":
+                        for name in names:
+                            bench.write_in_guest(m, name, DIRTY_MIB, "dirty")
+                    time.sleep(0.5)
+                    ram, vmm = _pss(m, names, mib << 20)
+                    p: dict[str, Any] = {"fs": fs, "mode": mode, "phase": phase, "n": n, "guest_mib": mib}
+                    total = bench.add("density_ram_pss_sum_mib", [sum(ram) / MiB], "MiB", **p)
+                    bench.add("density_ram_pss_per_fork_mib", [x / MiB for x in ram], "MiB", **p)
+                    bench.add("density_vmm_pss_per_fork_mib", [x / MiB for x in vmm], "MiB", **p)
+                    if n == 1:
+                        single[phase] = total
+                    elif phase in single:
+                        bench.ratio("density_sum_over_single", total, single[phase], **p)
+                bench.rm_all(m, "dn-")
+
+
+def _manager(bench: Bench, fs: str, mode: str) -> Manager:
+    from vmfork.instances.manager import Manager
+
+    key = (fs, f"density-{mode}")
+    if key not in bench.managers:
+        bench.managers[key] = Manager(bench.mounts[fs] / f"data-density-{mode}")
+    return bench.managers[key]
+
+
+def _pss(m: Manager, names: list[str], ram_bytes: int) -> tuple[list[int], list[int]]:
+    ram: list[int] = []
+    vmm: list[int] = []
+    for name in names:
+        pid = m.describe(m.find(name))["pid"]
+        if pid:
+            r, o = ram_and_vmm_pss(int(pid), ram_bytes)
+            ram.append(r)
+            vmm.append(o)
+    return ram, vmm
