@@ -12,7 +12,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import click
-from rich.table import Table
 
 from vmfork.errors import InvalidArgument
 
@@ -84,6 +83,8 @@ def register(cli: Any) -> None:
             rows = f.hosts()
 
         def human() -> None:
+            from rich.table import Table
+
             t = Table(box=None, pad_edge=False)
             for col in ("HOST", "STATE", "CPUS", "MEM FREE", "DISK FREE", "FS", "INSTANCES", "SNAPSHOTS"):
                 t.add_column(col)
@@ -107,6 +108,8 @@ def register(cli: Any) -> None:
             rows = f.ps()
 
         def human() -> None:
+            from rich.table import Table
+
             t = Table(box=None, pad_edge=False)
             for col in ("NAME", "HOST", "STATE", "MEMORY", "PARENT"):
                 t.add_column(col)

@@ -7,7 +7,6 @@ from collections.abc import Callable
 from typing import Any
 
 import click
-from rich.table import Table
 
 Deco = Callable[[Callable[..., None]], Callable[..., None]]
 Ctx = Any  # vmfork.cli's (passed in by register): annotations only.
@@ -23,20 +22,22 @@ def describe(c: Ctx, im: Any) -> dict[str, Any]:
             "size": int(im.meta.get("rootfs_allocated_bytes", 0)),
             "compressed_size": int(im.meta.get("compressed_size", 0)),
             "created": im.meta.get("created"), "dir": str(im.dir),
-            "used_by": c.mgr.image_users(im.digest) if c.data_dir_exists() else [],
+            "used_by": c.view.image_users(im.digest) if c.data_dir_exists() else [],
             "pull_seconds": im.meta.get("pull_seconds"), "convert_seconds": im.meta.get("convert_seconds")}
 
 
 def oci_rows(c: Ctx) -> list[dict[str, Any]]:
     if not c.data_dir_exists():
         return []
-    return [{"kind": "oci"} | describe(c, im) for im in c.mgr.oci_store().images()]
+    return [{"kind": "oci"} | describe(c, im) for im in c.view.oci_store().images()]
 
 
 def oci_table(c: Ctx, rows: list[dict[str, Any]]) -> None:
     _clean, out = _CLI._clean, _CLI.out
     if not rows:
         return
+    from rich.table import Table
+
     t = Table(box=None)
     for col in ("REF", "DIGEST", "FS", "SIZE", "CREATED", "USED BY"):
         t.add_column(col)
