@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -287,3 +288,18 @@ def test_bad_limits_are_refused_with_one_line(built: CLI):
         assert r.returncode == 2, (args, r)
         assert word in r.stderr.decode() and len(r.stderr.decode().strip().splitlines()) == 1
     assert "conf-bad" not in built("ps").stdout.decode()
+
+
+def test_vmm_starts_with_the_data_dir_under_the_cwd(built: CLI) -> None:
+    """QEMU named by a bare name on PATH: its dir used to be resolved against the cwd and bound
+    into the VMM's root after the image dir, hiding it when the data dir lay under the cwd
+    (``rootfs.ext4: Permission denied``)."""
+    _needs_root()
+    cmd = [sys.executable, "-m", "vmfork.cli", "--data-dir", str(built.data_dir), "-q"]
+    r = subprocess.run([*cmd, "run", "cwd1", "--json"], cwd=built.data_dir.parent, capture_output=True, timeout=300)
+    assert r.returncode == 0, r.stderr.decode(errors="replace")
+    try:
+        assert json.loads(r.stdout)["state"] == "running"
+        assert _inspect(built, "cwd1")["state"] == "running"
+    finally:
+        built("rm", "-f", "cwd1")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -226,9 +227,14 @@ def starter(g: GuestDir, hypervisor: str, argv0: str, inner: Any, netns: str = "
         raise HypervisorError(f"cannot set up the cgroup of {g.path.name}: {e.strerror or e}") from None
     links, dirs = host_root_entries()
     ro = list(plan.ro_dirs)
-    exe_dir = os.path.dirname(os.path.realpath(argv0))
-    if not exe_dir.startswith("/usr/"):
+    # The VMM binary's dir (outside /usr: e.g. .tools/bin). A bare name is found on PATH, as
+    # exec will find it: resolved against the cwd instead, it bound the cwd into the VMM's
+    # root, over the image dir when the data dir lay under the cwd ("Permission denied").
+    exe = argv0 if "/" in argv0 else (shutil.which(argv0) or "")
+    exe_dir = os.path.dirname(os.path.realpath(exe)) if exe else ""
+    if exe_dir and not exe_dir.startswith("/usr/") and exe_dir not in ro:
         ro.append(exe_dir)
+    ro.sort(key=lambda d: d.count("/"))  # a parent first: bound later, it would hide its child
     spec = Spec(
         uid=plan.uid, gid=plan.gid, groups=plan.groups, mountpoint=str(mountpoint(Path(plan.data_dir))),
         guest_dir=str(g.path.resolve()), ro_dirs=tuple(ro),
