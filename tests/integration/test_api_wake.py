@@ -84,4 +84,11 @@ def test_standby_web_server_wakes_on_its_first_connection(served: tuple[Any, NsC
     report.append(f"wake on traffic: first byte from standby {firsts[0] * 1000:.0f}-{firsts[-1] * 1000:.0f} ms "
                   f"(4 connections during one wake); the restore itself {restore_s * 1000:.0f} ms; "
                   f"running guest {warm * 1000:.0f} ms (TCG)")
+
+    # Idle again: a second standby, and a second wake answers as the first did.
+    assert web.wait("standby", timeout=180).reached
+    time.sleep(1.5)
+    again, body = fetch_t(ns, url)
+    assert body == "index"
+    report.append(f"wake on traffic, second wake: first byte {again * 1000:.0f} ms")
     web.delete()
