@@ -91,8 +91,8 @@ class FcEnv:
         return g
 
 
-@pytest.fixture(scope="module")
-def fc(image: Image, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FcEnv]:
+def firecracker_or_skip(image: Image) -> FirecrackerHypervisor:
+    """The Firecracker backend, if its binary is usable and can start an instance here; else skip."""
     hv = FirecrackerHypervisor()
     problem = hv.available()
     if problem:
@@ -100,6 +100,12 @@ def fc(image: Image, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FcEnv
     problem = instance_start_problem(hv, image)
     if problem:
         pytest.skip(problem)
+    return hv
+
+
+@pytest.fixture(scope="module")
+def fc(image: Image, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FcEnv]:
+    hv = firecracker_or_skip(image)
     reason = loop_fs_unavailable_reason("xfs")
     if reason:
         pytest.skip(f"xfs loop filesystem unavailable: {reason}")

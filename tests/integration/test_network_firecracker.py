@@ -23,7 +23,6 @@ from pathlib import Path
 
 import pytest
 
-from vmfork.hypervisor.firecracker import FirecrackerHypervisor
 from vmfork.images import Image
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow, pytest.mark.timeout(600)]
@@ -106,15 +105,9 @@ def test_nic_in_the_instance_namespace_and_a_fork_loads_in_its_own(image: Image,
     for tool in ("ip", "nft", "nsenter"):
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} is not installed (make setup)")
-    hv = FirecrackerHypervisor()
-    problem = hv.available()
-    if problem:
-        pytest.skip(f"no usable Firecracker binary: {problem}")
-    from tests.integration.test_firecracker_vmm import instance_start_problem
+    from tests.integration.test_firecracker_vmm import firecracker_or_skip
 
-    problem = instance_start_problem(hv, image)
-    if problem:
-        pytest.skip(problem)
+    hv = firecracker_or_skip(image)
     ns = f"vft-{secrets.token_hex(4)}"
     subprocess.run(["ip", "netns", "add", ns], check=True)
     try:
