@@ -116,6 +116,11 @@ class AutoStandby:
             if self._saw_traffic(st, iid):
                 self.last[iid] = now
             with self._lock:
+                # A listener still holds its ports: in standby, or being woken (its restore
+                # may already show it running; a standby queued behind that restore would put
+                # it straight back to sleep under the connections being woken for it).
+                if iid in self.listeners:
+                    continue
                 if self.busy.get(iid, 0) or now - self.last.setdefault(iid, now) < idle_s:
                     continue
             if st.mgr.status(live[iid]).state == "running":
