@@ -59,13 +59,15 @@ def density(bench: Bench) -> None:
 
     fs = "xfs" if "xfs" in bench.mounts else next(iter(bench.mounts))
     mib = bench.plan.base_mib
+    state_mib = min(STATE_MIB, mib // 4)  # room for the guest's own use (a 128 MiB smoke guest)
+    dirty_mib = min(DIRTY_MIB, mib // 8)
     for mode, values in MODES.items():
         with env(values):
             m = _manager(bench, fs, mode)
             if not any(i.name == "dsrc" for i in m.instances()):
-                bench.say(f"[8] density/{mode}: source with {STATE_MIB} MiB of state")
+                bench.say(f"[8] density/{mode}: source with {state_mib} MiB of state")
                 bench.boot(m, "dsrc", mib)
-                bench.write_in_guest(m, "dsrc", STATE_MIB, "state")
+                bench.write_in_guest(m, "dsrc", state_mib, "state")
                 m.standby("dsrc")
             single: dict[str, Record] = {}
             for n in bench.plan.density:
@@ -79,10 +81,11 @@ def density(bench: Bench) -> None:
                             bench.sh(m, name, "md5sum /tmp/state/f")  # reads it (cat to /dev/null may splice)
                     elif phase == "dirty16":
                         for name in names:
-                            bench.write_in_guest(m, name, DIRTY_MIB, "dirty")
+                            bench.write_in_guest(m, name, dirty_mib, "dirty")
                     time.sleep(0.5)
                     ram, vmm = _pss(m, names, mib << 20)
-                    p: dict[str, Any] = {"fs": fs, "mode": mode, "phase": phase, "n": n, "guest_mib": mib}
+                    p: dict[str, Any] = {"fs": fs, "mode": mode, "phase": phase, "n": n, "guest_mib": mib,
+                                         "state_mib": state_mib, "dirty_mib": dirty_mib}
                     total = bench.add("density_ram_pss_sum_mib", [sum(ram) / MiB], "MiB", **p)
                     bench.add("density_ram_pss_per_fork_mib", [x / MiB for x in ram], "MiB", **p)
                     bench.add("density_vmm_pss_per_fork_mib", [x / MiB for x in vmm], "MiB", **p)
