@@ -319,6 +319,11 @@ def test_os_error_is_copy_error_and_partial_destination_removed() -> None:
         (src / "b-dir").mkdir()
         (src / "b-dir" / "ok").write_text("fine\n")
         (src / "c-secret").write_text("secret\n")
+        # readable by everyone but c-secret, whatever umask an earlier test left this process
+        for p in (src, src / "b-dir"):
+            p.chmod(0o755)
+        for f in (src / "a-mem", src / "b-dir" / "ok"):
+            f.chmod(0o644)
         (src / "c-secret").chmod(0)
         out = base / "out"
         out.mkdir()
