@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -60,6 +59,15 @@ def served(ns: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[
         kill_all_vmms(cli.data_dir)
 
 
+def wait_listening(ns_name: str, port: int) -> None:
+    """Until the server's wake listener holds the port (seen with ss: connecting would wake it)."""
+    for _ in retry.attempts(60, first=0.05, cap=0.5):
+        out = sh("nsenter", f"--net=/run/netns/{ns_name}", "ss", "-Hltn", f"sport = :{port}")
+        if out.strip():
+            return
+    raise AssertionError(f"nothing listens on port {port} after the standby")
+
+
 def test_standby_web_server_wakes_on_its_first_connection(served: tuple[Any, NsCLI], ns: str,  # noqa: F811
                                                           report: list[str]) -> None:
     client, _cli = served
@@ -70,7 +78,7 @@ def test_standby_web_server_wakes_on_its_first_connection(served: tuple[Any, NsC
     assert body == "index"
 
     assert web.wait("standby", timeout=180).reached
-    time.sleep(1.5)  # the listener takes the port right after the standby
+    wait_listening(ns, PORT)  # the listener takes the port right after the standby
     # Four connections at once to the standby guest: all held during the one restore, all answered.
     procs = [subprocess.Popen(["nsenter", f"--net=/run/netns/{ns}", sys.executable, "-c", FETCH_T, url],
                               stdout=subprocess.PIPE, text=True) for _ in range(4)]
@@ -87,7 +95,7 @@ def test_standby_web_server_wakes_on_its_first_connection(served: tuple[Any, NsC
 
     # Idle again: a second standby, and a second wake answers as the first did.
     assert web.wait("standby", timeout=180).reached
-    time.sleep(1.5)
+    wait_listening(ns, PORT)
     again, body = fetch_t(ns, url)
     assert body == "index"
     report.append(f"wake on traffic, second wake: first byte {again * 1000:.0f} ms")

@@ -157,7 +157,6 @@ class AutoStandby:
                  for p in await blocking(st, net.published, st.data_dir, iid) if p.proto == "tcp"]
         if not ports:
             return
-        await blocking(st, net.set_forwarding, st.data_dir, iid, False)
 
         async def wake() -> str:
             t0 = time.monotonic()
@@ -171,10 +170,11 @@ class AutoStandby:
             return str(lease.ip)
 
         lst = WakeListener(ports, wake)
+        await lst.start()  # bound first: the ports are never without a taker
         try:
-            await lst.start()
-        except OSError:
-            await blocking(st, net.set_forwarding, st.data_dir, iid, True)
+            await blocking(st, net.set_forwarding, st.data_dir, iid, False)  # now new connections reach it
+        except BaseException:
+            await lst.close()
             raise
         self.listeners[iid] = lst
 
