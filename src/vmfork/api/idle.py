@@ -136,17 +136,32 @@ class AutoStandby:
             try:
                 for iid in await blocking(st, self._due, st):
                     try:  # busy, gone, or changed state meanwhile: tried again later
-                        with st.metrics.timed("standby"):
-                            await blocking(st, st.mgr.standby, iid)
-                        await self._listen(st, iid)
+                        await self._sleep(st, iid)
                     except Exception as e:
                         _log(f"auto-standby of {iid}: {e}")
             except Exception as e:  # never let the monitor die
                 _log(f"auto-standby monitor: {e!r}")
 
-    async def _listen(self, st: State, iid: str) -> None:
-        """The instance went to standby: the server takes its published TCP ports, and the
-        first connection restores it (wake on traffic)."""
+    async def _sleep(self, st: State, iid: str) -> None:
+        """Standby of an idle instance. Its published TCP ports are taken by a wake listener
+        first, while it still runs: a connection arriving meanwhile is held until the standby
+        has settled, then wakes it (never a refusal, never a guest that is going away)."""
+        from vmfork.api.app import blocking
+
+        settled = asyncio.Event()
+        await self._listen(st, iid, settled)
+        try:
+            with st.metrics.timed("standby"):
+                await blocking(st, st.mgr.standby, iid)
+        except BaseException:
+            await self.release(st, iid)  # it runs on: its own forwarding takes the ports back
+            raise
+        finally:
+            settled.set()
+
+    async def _listen(self, st: State, iid: str, settled: asyncio.Event) -> None:
+        """The server takes the instance's published TCP ports; the first connection restores
+        it (wake on traffic), once ``settled`` (its standby is over)."""
         from vmfork.api.app import blocking
         from vmfork.api.wake import Port, WakeListener
 
@@ -159,6 +174,7 @@ class AutoStandby:
             return
 
         async def wake() -> str:
+            await settled.wait()
             t0 = time.monotonic()
             if st.mgr.status(await blocking(st, st.mgr.find, iid)).state == "standby":
                 with st.metrics.timed("restore"):
@@ -181,8 +197,9 @@ class AutoStandby:
         async def hand_back() -> None:  # awake: its own forwarding takes the ports back
             await lst.awake.wait()
             await lst.close()
-            self.listeners.pop(iid, None)
-            await blocking(st, net.set_forwarding, st.data_dir, iid, True)
+            if self.listeners.get(iid) is lst:  # not released meanwhile
+                self.listeners.pop(iid, None)
+                await blocking(st, net.set_forwarding, st.data_dir, iid, True)
 
         task = asyncio.ensure_future(hand_back())
         self._tasks.add(task)
