@@ -28,7 +28,7 @@ from vmfork.images import Image
 pytestmark = [pytest.mark.vm, pytest.mark.slow, pytest.mark.timeout(600)]
 
 DRIVER = r'''
-import json, os, shutil, sys, time
+import json, os, secrets, shutil, sys, time
 from pathlib import Path
 from vmfork import network
 from vmfork.forkvm import clone_file, clone_tree
@@ -52,7 +52,8 @@ def tap_state(ns):
 def netns_of(pid):
     return os.stat(f"/proc/{pid}/ns/net").st_ino
 
-src_id, fork_id = "srcnet000001", "frknet000001"
+# ids of our own each run: namespaces are named after them, machine-wide
+src_id, fork_id = "srcnet" + secrets.token_hex(3), "frknet" + secrets.token_hex(3)
 lease = network.ensure(data, src_id, network.NetSpec(mode="default"), None)
 g = GuestDir(data / "guests" / src_id)
 g.ensure_dirs()
@@ -73,6 +74,10 @@ try:
     hv.save(g, cfg, proc, g.snapshot_tmp)
     (g.snapshot_tmp / "config.json").write_text(json.dumps(cfg.to_json()))
     os.rename(g.snapshot_tmp, g.snapshot_latest)
+    for _ in range(100):  # the VMM is gone; its TAP loses the carrier as its fds are released
+        if not tap_state(lease.netns):
+            break
+        time.sleep(0.1)
     out["src_tap_after_save"] = tap_state(lease.netns)
 
     f = GuestDir(data / "guests" / fork_id)
