@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from vmfork.forkvm.copier import clone_tree, fsync_tree
-from vmfork.util import fsync_dir
+from vmfork.util import fsync_dir, fsync_file
 
 libc = ctypes.CDLL(None, use_errno=True)
 
@@ -40,20 +40,12 @@ def make_source(src: Path) -> None:
     os.sync()
 
 
-def fsync_path(p: str) -> None:
-    fd = os.open(p, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def parallel_fsyncs(dst: Path) -> None:
     files, dirs = [], []
     for dp, _, fn in os.walk(dst):
         dirs.append(dp)
         files += [os.path.join(dp, f) for f in fn]
-    threads = [threading.Thread(target=fsync_path, args=(f,)) for f in files]
+    threads = [threading.Thread(target=fsync_file, args=(Path(f),)) for f in files]
     for t in threads:
         t.start()
     for t in threads:
