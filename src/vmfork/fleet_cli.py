@@ -30,6 +30,17 @@ def register(cli: Any) -> None:
     json_opt: Deco = cli.json_opt
     out, err, _emit, _clean = cli.out, cli.err, cli._emit, cli._clean
 
+    def _print_table(cols: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+        """A plain table (rich imported here: only a human listing needs it), cells escaped."""
+        from rich.table import Table
+
+        t = Table(box=None, pad_edge=False)
+        for col in cols:
+            t.add_column(col)
+        for r in rows:
+            t.add_row(*map(_clean, r))
+        out.print(t)
+
     @contextlib.contextmanager
     def connected(c: Ctx) -> Iterator[Any]:
         from vmfork.fleet.client import Fleet
@@ -83,16 +94,10 @@ def register(cli: Any) -> None:
             rows = f.hosts()
 
         def human() -> None:
-            from rich.table import Table
-
-            t = Table(box=None, pad_edge=False)
-            for col in ("HOST", "STATE", "CPUS", "MEM FREE", "DISK FREE", "FS", "INSTANCES", "SNAPSHOTS"):
-                t.add_column(col)
-            for r in rows:
-                t.add_row(*map(_clean, (r["host"], "up" if r["up"] else "down", str(r["cpus"] or "-"),
-                                        _mib(r["mem_available"]), _mib(r["disk_free"]), str(r["fs"] or "-"),
-                                        str(r["instances"]), ", ".join(r["snapshots"]) or "-")))
-            out.print(t)
+            _print_table(("HOST", "STATE", "CPUS", "MEM FREE", "DISK FREE", "FS", "INSTANCES", "SNAPSHOTS"),
+                         [(r["host"], "up" if r["up"] else "down", str(r["cpus"] or "-"), _mib(r["mem_available"]),
+                           _mib(r["disk_free"]), str(r["fs"] or "-"), str(r["instances"]),
+                           ", ".join(r["snapshots"]) or "-") for r in rows])
             for r in rows:
                 if r["problem"]:
                     out.print(_clean(f"{r['host']}: {r['problem']}"))
@@ -108,14 +113,8 @@ def register(cli: Any) -> None:
             rows = f.ps()
 
         def human() -> None:
-            from rich.table import Table
-
-            t = Table(box=None, pad_edge=False)
-            for col in ("NAME", "HOST", "STATE", "MEMORY", "PARENT"):
-                t.add_column(col)
-            for r in rows:
-                t.add_row(*map(_clean, (r["name"], r["host"], r["state"], f"{r['memory_mib']}M", r["parent"] or "-")))
-            out.print(t)
+            _print_table(("NAME", "HOST", "STATE", "MEMORY", "PARENT"),
+                         [(r["name"], r["host"], r["state"], f"{r['memory_mib']}M", r["parent"] or "-") for r in rows])
 
         _emit(as_json, rows, human)
 
