@@ -35,12 +35,11 @@ def ps_json(argv: list[str]) -> str | None:
 
     try:
         dd = DataDir(root)
-        if not dd.exists():
-            rows = []
-        elif view.needs_recovery(root):
+        exists = dd.exists()
+        insts = view.instances(dd.guests) if exists else []
+        if exists and view.needs_recovery(root, insts):
             return None
-        else:
-            rows = [view.row(root, i, st, st.state) for i in view.instances(dd.guests) for st in [view.status(i)]]
+        rows = [view.row(root, i, st, st.state) for i in insts for st in [view.status(i)]]
     except (VmforkError, OSError, ValueError):
         return None
     return json.dumps(rows, indent=2, sort_keys=True) + "\n"

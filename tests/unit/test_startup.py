@@ -182,3 +182,10 @@ def test_ps_json_with_a_server_goes_through_the_api(tmp_path: Path, monkeypatch:
     assert ps_json(["--data-dir", str(tmp_path), "ps", "--json"]) == "[]\n"
     monkeypatch.setenv("VMFORK_HOST", str(tmp_path / "api.sock"))
     assert ps_json(["--data-dir", str(tmp_path), "ps", "--json"]) is None
+
+
+def test_ps_json_on_a_data_dir_with_only_a_leftover_goes_to_the_cli(tmp_path: Path) -> None:
+    from vmfork.fastpath import ps_json
+
+    (tmp_path / "guests" / ".tmp-cccccccccccc").mkdir(parents=True)  # a first run that crashed
+    assert ps_json(["--data-dir", str(tmp_path), "ps", "--json"]) is None

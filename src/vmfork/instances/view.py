@@ -161,17 +161,18 @@ def stale_locks(root: Path) -> list[Path]:
     return out
 
 
-def needs_recovery(root: Path) -> bool:
+def needs_recovery(root: Path, insts: list[Instance] | None = None) -> bool:
     """Whether ``Manager.recover()`` may have something to do in the data dir ``root`` that
     changes or cleans up after its instances (it is then run, through the CLI): a dot-entry
     in ``guests/`` (an unfinished creation or removal, an uncommitted batch), an instance cut
     short, an unrecorded VMM, a stale lock, an unfinished named snapshot or image pull, the
-    network lease of a gone instance. Leftover cgroups (host-wide) are not looked for."""
+    network lease of a gone instance. Leftover cgroups (host-wide) are not looked for.
+    ``insts``: the data dir's instances, if the caller has read them already."""
     guests = root / "guests"
     names = os.listdir(guests) if guests.is_dir() else []
     if any(n.startswith(".") for n in names):
         return True
-    if any(unfinished(i) for i in instances(guests)):
+    if any(unfinished(i) for i in (instances(guests) if insts is None else insts)):
         return True
     if next(unrecorded_vmms(guests), None) is not None:
         return True
