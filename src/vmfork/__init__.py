@@ -1,8 +1,14 @@
 """vmfork: a microVM manager built on fork-from-snapshot with copy-on-write isolation."""
 
+from __future__ import annotations
+
 __version__ = "0.1.0"
 
-from typing import Any
+# typing is imported by the type checker only: this module is on the path of `vmfork ps
+# --json` and `--version`, which Python's start-up alone should dominate.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["AsyncClient", "Client", "__version__"]
 

@@ -9,6 +9,8 @@
     snapshots/.snapshot-tmp/          a standby in progress (never valid; removed by recovery)
     snapshots/.restoring/             a restore in progress (the snapshot is being consumed)
     snapshots/snapshot-base/          (Firecracker) the snapshot the running VM came from
+    snapshots/.live-snapshot/         a named snapshot of the running guest in progress
+    snapshots/.rollback/              a rollback in progress
 
 The VMM runs with the instance dir as its working directory and gets relative paths, so
 socket paths stay short and a cloned directory needs no path rewriting for QEMU.
@@ -20,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SNAPSHOT_FILES = ("memory", "state", "config.json")
+LIVE_DIR = ".live-snapshot"  # in snapshots/: a live snapshot under way
+ROLLBACK_DIR = ".rollback"  # in snapshots/: a rollback under way
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,12 @@ class GuestDir:
     @property
     def restoring(self) -> Path:
         return self.snapshots / ".restoring"
+
+    def unfinished(self) -> bool:
+        """Whether an operation on this guest was cut short here (recovery finishes or
+        undoes it): a standby, a restore, a live snapshot or a rollback under way."""
+        return any(p.exists() for p in (self.snapshot_tmp, self.restoring, self.snapshots / LIVE_DIR,
+                                          self.snapshots / ROLLBACK_DIR))
 
     def has_snapshot(self) -> bool:
         return snapshot_complete(self.snapshot_latest)

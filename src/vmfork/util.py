@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
-import secrets
-import tempfile
 from pathlib import Path
-from typing import Any
 
 from vmfork.errors import InvalidArgument
+
+TYPE_CHECKING = False  # typing only for the type checker (see vmfork/__init__.py)
+if TYPE_CHECKING:
+    from typing import Any
 
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
 NAME_MAX = 63
@@ -58,6 +58,8 @@ def one_line(text: str) -> str:
 
 def new_id() -> str:
     """A fixed-length random id (12 chars of [0-9a-z])."""
+    import secrets  # hashlib, secrets, tempfile on use: read-only commands (ps) need none
+
     return "".join(secrets.choice(_ID_ALPHABET) for _ in range(ID_LEN))
 
 
@@ -90,6 +92,8 @@ def parse_memory(text: str) -> int:
 
 
 def sha256_file(path: Path) -> str:
+    import hashlib
+
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(8 << 20):
@@ -115,6 +119,8 @@ def fsync_file(path: Path) -> None:
 
 def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
     """Write ``data`` to ``path`` via a temp file in the same dir and rename()."""
+    import tempfile
+
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

@@ -10,19 +10,21 @@ state is refused with a short message instead of being copied or handed to the V
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
 
-from vmfork import util
+TYPE_CHECKING = False  # typing only for the type checker (see vmfork/__init__.py)
+if TYPE_CHECKING:
+    from typing import Any
 
 MANIFEST = "manifest.json"
 _HASHED = ("state", "config.json")
 
 
 def _digest(path: Path) -> dict[str, Any]:
+    import hashlib  # hashlib and util are imported on use: `ps` reads names and sizes only
+
     h = hashlib.sha256()
     size = 0
     with open(path, "rb") as f:
@@ -35,6 +37,8 @@ def _digest(path: Path) -> dict[str, Any]:
 def write_manifest(snap: Path, memory_bytes: int) -> None:
     """Record what ``snap`` holds (not durable: the snapshot commit fsyncs it)."""
     files: dict[str, Any] = {name: _digest(snap / name) for name in _HASHED}
+    from vmfork import util
+
     files["memory"] = {"size": memory_bytes}
     util.atomic_write_json(snap / MANIFEST, {"format": 1, "files": files}, durable=False)
 
@@ -82,6 +86,8 @@ def problem(snap: Path, memory_bytes: int) -> str | None:
 
 def fsync_snapshot(snap: Path) -> None:
     """Make every file of ``snap`` durable (the memory file: only the pages dirtied since)."""
+    from vmfork import util
+
     for name in os.listdir(snap):
         util.fsync_file(snap / name)
     util.fsync_dir(snap)

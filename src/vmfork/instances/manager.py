@@ -23,7 +23,6 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,7 +45,7 @@ from vmfork.guest.agent import MAX_BUFFERED_OUTPUT, ExecResult, wait_ready
 from vmfork.hypervisor import get_hypervisor, resolve_accel
 from vmfork.hypervisor.base import Hypervisor, VMConfig, tail, vmm_record
 from vmfork.hypervisor.shared_ram import TEMPLATES, ensure_template
-from vmfork.instances import integrity, snapshot_ops
+from vmfork.instances import integrity, snapshot_ops, view
 from vmfork.instances.model import Instance, new_mac
 from vmfork.layout import GuestDir
 from vmfork.locking import file_lock, release, try_lock, unlink_held
@@ -75,11 +74,7 @@ COW_EXTSIZE = 4096
 RESUMED = "resumed"
 
 
-@dataclass
-class Status:
-    state: str  # running, standby, stopped, error
-    proc: ProcRef | None
-    problem: str | None = None  # why the state is "error"
+Status = view.Status
 
 
 def _now() -> str:
@@ -142,12 +137,7 @@ class Manager:
     # --- lookup ---------------------------------------------------------------------------
     def instances(self) -> list[Instance]:
         """Every instance, those with unreadable metadata included (with their ``problem``)."""
-        out = []
-        for d in sorted(self.dd.guests.iterdir()) if self.dd.guests.is_dir() else []:
-            if d.name.startswith(".") or not d.is_dir():
-                continue
-            out.append(Instance.load(d))
-        return sorted(out, key=lambda i: (i.created_at, i.name))
+        return view.instances(self.dd.guests)
 
     def find(self, ref: str) -> Instance:
         for inst in self.instances():
@@ -156,16 +146,7 @@ class Manager:
         raise NotFound(f"instance '{ref}' not found")
 
     def status(self, inst: Instance) -> Status:
-        proc = vmm_record(inst.g)
-        if inst.problem:
-            return Status("error", proc, inst.problem)
-        if proc is not None:
-            return Status("running", proc)
-        snap = inst.g.snapshot_latest
-        if snap.exists():
-            problem = integrity.quick_problem(snap, inst.memory_mib << 20)
-            return Status("error", None, problem) if problem else Status("standby", None)
-        return Status("stopped", None)
+        return view.status(inst)
 
     def _usable(self, inst: Instance, st: Status) -> None:
         if st.state == "error":
@@ -204,10 +185,8 @@ class Manager:
                 continue
             if d.name.startswith(".") or not d.is_dir():
                 continue
-            g = GuestDir(d)
             inst = Instance.load(d)
-            if not (g.snapshot_tmp.exists() or g.restoring.exists() or inst.pending
-                    or snapshot_ops.needs_recovery(self, inst)):
+            if not (view.unfinished(inst) or snapshot_ops.batch_open(self, inst)):
                 continue
             with self._try_instance_lock(d.name) as free:
                 if free:
@@ -309,23 +288,7 @@ class Manager:
         A VMM whose instance lock is held belongs to a vmfork command at work (it may not
         have recorded its pid yet): it is left alone.
         """
-        guests = str(self.dd.guests.resolve())
-        for pid_s in os.listdir("/proc"):
-            if not pid_s.isdigit():
-                continue
-            pid = int(pid_s)
-            try:
-                cwd = os.readlink(f"/proc/{pid}/cwd")
-                exe = os.path.basename(os.readlink(f"/proc/{pid}/exe"))
-            except OSError:
-                continue
-            if not cwd.startswith(guests + "/") or not exe.startswith(("qemu-system", "firecracker")):
-                continue
-            gdir = Path(cwd.removesuffix(" (deleted)"))
-            if gdir.exists():
-                rec = vmm_record(GuestDir(gdir))
-                if rec is not None and rec.pid == pid:
-                    continue
+        for pid, gdir in list(view.unrecorded_vmms(self.dd.guests)):
             iid = gdir.name.removeprefix(".tmp-").removeprefix(".trash-")
             with self._try_instance_lock(iid) as free:
                 if not free:
@@ -338,11 +301,8 @@ class Manager:
 
     def _remove_stale_locks(self, actions: list[str]) -> None:
         """Lock files of instances that do not exist (left by a crash) go."""
-        for f in self.dd.locks.glob("*.lock"):
-            iid = f.name.removesuffix(".lock")
-            if not util.is_id(iid) or (self.dd.guests / iid).exists() or (self.dd.guests / f".tmp-{iid}").exists():
-                continue  # global.lock, watchdog.lock: not an instance's
-            with self._try_instance_lock(iid):
+        for f in view.stale_locks(self.dd.root):
+            with self._try_instance_lock(f.name.removesuffix(".lock")):
                 pass  # released with remove=True when free (the instance is gone)
 
     # --- create -----------------------------------------------------------------------------
@@ -1065,36 +1025,16 @@ class Manager:
         return {"confined": (inst.g.run / confine.PLAN).exists(), "uid": inst.uid, "gid": inst.uid,
                 "limits": limits.to_json(), "cgroup": confine.usage(self.dd.root, inst.id)}
 
-    def _network_view(self, inst: Instance) -> dict[str, Any] | None:
-        if inst.network is None:
-            return None
-        from vmfork import network
-
-        return network.describe(self.dd.root, inst.id, network.NetSpec.from_json(inst.network))
-
     def describe(self, inst: Instance, *, detail: bool = False) -> dict[str, Any]:
+        """``ps``'s row (``view.row``, which ``vmfork ps --json`` prints without the CLI too);
+        with ``detail``, ``inspect``'s view."""
         st = self.status(inst)
         state = st.state
         if detail and st.proc is not None and state == "running":
             qs = self.hypervisor(inst).status(inst.g, st.proc)
             state = "paused" if qs in ("paused", "prelaunch", "inmigrate", "postmigrate") else "running"
-        parent = inst.parent_name
-        parents = self.dd.root / "snapshots" if inst.parent_kind == "snapshot" else self.dd.guests
-        if inst.parent_id and not (parents / inst.parent_id).is_dir():
-            parent = f"{inst.parent_name} (deleted)"
-        mark = read_mark(inst.g, st.proc) if st.proc is not None else None
-        if mark is not None:
-            state = "paused"
-        problem = st.problem or (mark.describe() if mark else death_cause(inst.g) if state == "stopped" else None)
-        d: dict[str, Any] = {
-            "id": inst.id, "name": inst.name, "state": state, "problem": problem, "hypervisor": inst.hypervisor,
-            "accel": inst.accel, "memory_mib": inst.memory_mib, "vcpus": inst.vcpus,
-            "pid": st.proc.pid if st.proc else None, "dir": str(inst.dir),
-            "created_at": inst.created_at, "parent": parent,
-            "last_exit": (confine.exit_cause(self.dd.root, inst.id)
-                          if st.proc is None and inst.g.vmm_json.exists() else None),
-            "network": self._network_view(inst),
-        }
+        d = view.row(self.dd.root, inst, st, state)
+        state = d["state"]
         if detail and not inst.problem:
             from vmfork.fs import allocated_bytes
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import re
-import secrets
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
 
 from vmfork.layout import GuestDir
+
+TYPE_CHECKING = False  # typing only for the type checker (see vmfork/__init__.py)
+if TYPE_CHECKING:
+    from typing import Any
 
 # Typed fields a readable instance.json must have (the others have defaults).
 _REQUIRED: dict[str, type | tuple[type, ...]] = {
@@ -107,4 +109,6 @@ class Instance:
 
 def new_mac() -> str:
     """A locally administered unicast MAC (QEMU's 52:54:00 prefix)."""
+    import secrets  # not on the path of read-only commands
+
     return "52:54:00:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(3))

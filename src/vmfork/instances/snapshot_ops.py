@@ -25,7 +25,7 @@ from vmfork.hypervisor.base import VMConfig, vmm_record
 from vmfork.hypervisor.shared_ram import ensure_template
 from vmfork.instances import integrity
 from vmfork.instances.model import Instance, new_mac
-from vmfork.layout import GuestDir
+from vmfork.layout import LIVE_DIR, ROLLBACK_DIR, GuestDir
 from vmfork.snapshots.store import Snapshot, Store
 from vmfork.util import crashpoint
 
@@ -35,8 +35,6 @@ if TYPE_CHECKING:
 #: Most forks one command makes (--count): E2B and forkd offer 100 per call; each fork to
 #: running is a VMM (~80 MiB of RSS right after restore here), so more belongs to a fleet.
 MAX_COUNT = 100
-LIVE_DIR = ".live-snapshot"  # in an instance's snapshots/: a live snapshot under way
-ROLLBACK_DIR = ".rollback"  # in an instance's snapshots/: a rollback under way
 COMMITTED = "committed"  # in .rollback: from here on it is rolled forward
 SNAP_FILES = ("memory", "state", "config.json", integrity.MANIFEST)
 
@@ -478,11 +476,6 @@ def _finish_rollback(mgr: Manager, inst: Instance) -> None:
 
 
 # --- recovery ---------------------------------------------------------------------------------
-def needs_recovery(mgr: Manager, inst: Instance) -> bool:
-    g = inst.g
-    return (g.snapshots / LIVE_DIR).exists() or (g.snapshots / ROLLBACK_DIR).exists() or batch_open(mgr, inst)
-
-
 def recover_guest(mgr: Manager, inst: Instance) -> list[str]:
     """A crashed live snapshot (the guest may be paused) or rollback of this instance."""
     g, actions = inst.g, []

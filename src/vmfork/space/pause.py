@@ -10,12 +10,11 @@ import json
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from vmfork.layout import GuestDir
 from vmfork.procs import ProcRef
-from vmfork.space.watermarks import fmt
 
+TYPE_CHECKING = False  # typing only for the type checker (see vmfork/__init__.py)
 if TYPE_CHECKING:
     from vmfork.hypervisor.qmp import QMP
 
@@ -31,6 +30,8 @@ class SpacePause:
     low_water_bytes: int
 
     def describe(self) -> str:
+        from vmfork.space.watermarks import fmt  # imports util: kept off the path of `ps`
+
         return (f"paused by the space watchdog at {self.at}: {fmt(self.free_bytes)} free, below the "
                 f"low-water mark of {fmt(self.low_water_bytes)}; it resumes once space is freed "
                 "(or use 'vmfork resume')")
