@@ -22,9 +22,13 @@ The template must never be written while a fork maps it: it is an immutable file
 snapshot's mem-file, or a clone of a source's snapshot made for its forks, ``ensure_template``),
 never a file some VMM runs on.
 
-``VMFORK_SHARED_RAM``: ``auto`` (default: on where the VMM is not confined: QEMU 7.2 opens
-the file read-write even with ``share=off``, so a VMM under its own uid and a read-only view
-cannot open a template it must not write), ``0`` (off: every fork maps its own clone).
+``VMFORK_SHARED_RAM``: ``auto`` (default: on where the fork's QEMU opens the template
+read-only, ``memory-backend-file,readonly=on,rom=off``: QEMU >= 8.2, the 10.0.2 that setup
+puts in ``.tools/qemu``, confined or not; with QEMU 7.2, which opens the file read-write even
+with ``share=off``, only where the VMM is not confined: a VMM under its own uid, with a
+read-only view, cannot open a template it must not write), ``0`` (off: every fork maps its
+own clone). A confined VMM sees its template bound read-only at its path, nothing else of
+its source (``confine.starter``).
 """
 
 from __future__ import annotations
@@ -41,6 +45,11 @@ PAGE = 4096
 DEVICES = "devices"
 TEMPLATES = "templates"  # in a source's guest dir: the templates of its forks
 
+#: A template is read-only for all, so that the confined VMM of a fork (its own uid) can open
+#: it: it is reachable on the host only through root's 0700 dirs (``templates/``, the snapshot
+#: store), and a confined VMM sees only its own fork's template, bound read-only.
+TEMPLATE_MODE = 0o444
+
 _PRESENT, _SWAPPED, _FILE = 1 << 63, 1 << 62, 1 << 61
 
 
@@ -51,19 +60,20 @@ def mode() -> str:
     return v
 
 
-def enabled() -> bool:
-    """True when new forks run from a shared template (see the module's note)."""
+def enabled(readonly: bool) -> bool:
+    """True when new forks run from a shared template (see the module's note); ``readonly``:
+    their QEMU opens it read-only (``readonly=on,rom=off``), which a confined VMM needs."""
     if mode() == "0":
         return False
     from vmfork import confine
 
-    return not confine.enabled()
+    return readonly or not confine.enabled()
 
 
-def usable_template(template: str, size: int) -> Path | None:
+def usable_template(template: str, size: int, *, readonly: bool) -> Path | None:
     """The template a fork's snapshot names, if it is still there and of the RAM's size
     (a template removed with its source: the fork runs on its own clone, same content)."""
-    if not template or not enabled():
+    if not template or not enabled(readonly):
         return None
     p = Path(template)
     try:
@@ -99,7 +109,7 @@ def ensure_template(memory: Path, guest_dir: Path) -> Path | None:
     except CopyError:
         tmp.unlink(missing_ok=True)
         return None
-    os.chmod(tmp, 0o400)
+    os.chmod(tmp, TEMPLATE_MODE)
     from vmfork.util import fsync_file
 
     fsync_file(tmp)

@@ -161,12 +161,16 @@ def name_template(hv: Any, snap: Path, template: Callable[[], Path | None], memo
     the snapshot's config."""
     from vmfork.hypervisor import shared_ram
 
-    if not (hv.capabilities.shared_template and shared_ram.enabled()):
+    if not hv.capabilities.shared_template:
+        return
+    cfg = util.read_json(snap / "config.json")
+    if not shared_ram.enabled(hv.readonly_template(str(cfg.get("vmm_version") or ""))):
         return
     path = template()
     if path is None:
         return
-    cfg = util.read_json(snap / "config.json")
+    if os.stat(path).st_mode & 0o777 != shared_ram.TEMPLATE_MODE:  # a named snapshot's mem-file
+        os.chmod(path, shared_ram.TEMPLATE_MODE)
     cfg["template"] = str(path)
     util.atomic_write_json(snap / "config.json", cfg, durable=False)
     integrity.write_manifest(snap, memory_bytes)
