@@ -83,7 +83,7 @@ def probe_kvm(binary: str, qemu_version: str, image: Image, timeout: float | Non
                 if p.poll() is not None:
                     err = (p.stderr.read() if p.stderr else b"").decode(errors="replace").strip()
                     first = err.splitlines()[0] if err else "no message"
-                    reason = f"QEMU exited under -accel kvm: {first.removeprefix(binary + ': ')}"
+                    reason = f"QEMU exited under -accel kvm: {first.removeprefix(binary + ': ').removeprefix(os.path.basename(binary) + ': ')}"
                     break
                 time.sleep(0.05)
             else:

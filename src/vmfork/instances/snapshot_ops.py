@@ -26,6 +26,7 @@ from vmfork.hypervisor.shared_ram import ensure_template
 from vmfork.instances import integrity
 from vmfork.instances.model import Instance, new_mac
 from vmfork.layout import GuestDir
+from vmfork.paths import PRIVATE_FILE
 from vmfork.snapshots.store import Snapshot, Store
 from vmfork.util import crashpoint
 
@@ -202,6 +203,7 @@ def fork_snapshot(mgr: Manager, ref: str, name: str, *, count: int | None = None
             latest.mkdir(0o700, parents=True)
             for f in SNAP_FILES:
                 clone_file(snap.dir / f, latest / f)
+            os.chmod(latest / "memory", PRIVATE_FILE)  # the snapshot's own may be a template's 0444
             clone_file(snap.dir / "disk.raw", tmp / "disk.raw")
             name_template(hv, latest, lambda: snap.dir / "memory", snap.memory_mib << 20)  # immutable
 
@@ -445,6 +447,7 @@ def rollback(mgr: Manager, ref: str, snap_ref: str, *, overcommit: bool = False)
         rb.mkdir(0o700, parents=True)
         for f in SNAP_FILES:
             clone_file(snap.dir / f, rb / f)
+        os.chmod(rb / "memory", PRIVATE_FILE)  # not the 0444 of a snapshot that is a template
         clone_file(snap.dir / "disk.raw", rb / "disk.raw")
         fsync_tree(rb, parent=False)
         crashpoint("rollback:cloned")
