@@ -90,7 +90,7 @@ def readonly_ram(binary: str) -> bool:
 def version_tuple(v: str) -> tuple[int, ...]:
     out: list[int] = []
     for part in v.split(".")[:3]:
-        digits = "".join(c for c in part if c.isdigit()) if part[:1].isdigit() else ""
+        digits = part[:len(part) - len(part.lstrip("0123456789"))]  # its leading digits
         if not digits:
             break
         out.append(int(digits))
