@@ -13,7 +13,8 @@ which the shared template needs a QEMU >= 8.2 for (the 10.0.2 of ``.tools/qemu``
 confined fork maps its own clone: both modes measure the same). The VMM's own PSS
 (everything but guest RAM) is recorded alongside.
 
-``python -m vmfork.bench.density [--n 1,4,16] [--modes shared,clone] [--unconfined]``
+``python -m vmfork.bench.density [--n 1,4,16] [--modes shared,clone] [--unconfined]
+[--source instance|snapshot]``
 measures this alone on a fresh loop XFS and writes ``OUT/density.json``.
 """
 
@@ -60,7 +61,9 @@ def ram_and_vmm_pss(pid: int, ram_bytes: int) -> tuple[int, int]:
     return ram, other
 
 
-def density(bench: Bench, modes: tuple[str, ...] = tuple(MODES)) -> None:
+def density(bench: Bench, modes: tuple[str, ...] = tuple(MODES), source: str = "instance") -> None:
+    """``source``: the forks are of a standby instance (``instance``) or of a named snapshot
+    of it (``snapshot``: the template is the snapshot's own mem-file)."""
     from vmfork import confine
     from vmfork.bench.runner import env
     from vmfork.hypervisor.qemu import QemuHypervisor
@@ -79,12 +82,23 @@ def density(bench: Bench, modes: tuple[str, ...] = tuple(MODES)) -> None:
                 bench.boot(m, "dsrc", mib)
                 bench.write_in_guest(m, "dsrc", state_mib, "state")
                 m.standby("dsrc")
+            if source == "snapshot":
+                from vmfork.errors import NotFound
+                from vmfork.instances.snapshot_ops import store
+
+                try:
+                    store(m).find("dsnap")
+                except NotFound:
+                    m.snapshot_create("dsrc", "dsnap")
             single: dict[str, Record] = {}
             for n in bench.plan.density:
                 bench.say(f"[8] density/{mode}: {n} forks running")
                 names = [f"dn-{k}" for k in range(n)]
                 for name in names:
-                    m.fork("dsrc", name, target_state="running")
+                    if source == "snapshot":
+                        m.snapshot_fork("dsnap", name, target_state="running")
+                    else:
+                        m.fork("dsrc", name, target_state="running")
                 for phase in ("idle", "warmed", "dirty16"):
                     if phase == "warmed":
                         for name in names:
@@ -96,7 +110,7 @@ def density(bench: Bench, modes: tuple[str, ...] = tuple(MODES)) -> None:
                     ram, vmm = _pss(m, names, mib << 20)
                     p: dict[str, Any] = {"fs": fs, "mode": mode, "phase": phase, "n": n, "guest_mib": mib,
                                          "state_mib": state_mib, "dirty_mib": dirty_mib, "confined": confined,
-                                         "qemu": qemu}
+                                         "qemu": qemu, "source": source}
                     total = bench.add("density_ram_pss_sum_mib", [sum(ram) / MiB], "MiB", **p)
                     bench.add("density_ram_pss_per_fork_mib", [x / MiB for x in ram], "MiB", **p)
                     bench.add("density_vmm_pss_per_fork_mib", [x / MiB for x in vmm], "MiB", **p)
@@ -135,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--modes", default=",".join(MODES), help=f"of {', '.join(MODES)} [all]")
     ap.add_argument("--memory", type=int, default=256, help="guest MiB [256]")
     ap.add_argument("--unconfined", action="store_true", help="VMMs unconfined (VMFORK_CONFINE=0)")
+    ap.add_argument("--source", choices=("instance", "snapshot"), default="instance",
+                    help="fork a standby instance, or a named snapshot of it [instance]")
     ap.add_argument("--out", type=Path, default=Path("docs/bench"), help="where density.json goes [docs/bench]")
     ap.add_argument("--work", type=Path, default=Path("/var/tmp"), help="scratch dir for the loop XFS [/var/tmp]")
     args = ap.parse_args(argv)
@@ -171,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         with probes.loop_fs("xfs", plan.loop_mib, Path(work)) as mnt:
             bench.mounts["xfs"] = mnt
             try:
-                density(bench, modes)
+                density(bench, modes, args.source)
             finally:
                 bench.cleanup()
         bench.host["load_at_end"] = round(probes.loadavg(), 2)
@@ -185,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in bench.records:
         if r["metric"] in ("density_ram_pss_sum_mib", "density_sum_over_single"):
             p = r["params"]
-            print(f"{p['mode']:7} confined={p['confined']!s:5} {p['phase']:8} n={p['n']:<3} "
+            print(f"{p['source']:8} {p['mode']:7} confined={p['confined']!s:5} {p['phase']:8} n={p['n']:<3} "
                   f"{r['metric']:26} {r['value']}")
     return 0
 
