@@ -1,6 +1,7 @@
-"""Forks that run from one shared, read-only template mem-file (QEMU 7.2, no QEMU change).
+"""Forks that run from one shared, read-only template mem-file (QEMU 7.2 and 10).
 
-A fork's QEMU maps the template with ``memory-backend-file,share=off``: MAP_PRIVATE, so
+A fork's QEMU maps the template with ``memory-backend-file,share=off`` (QEMU >= 8.2 also
+``readonly=on,rom=off``: opened read-only, mapped writable): MAP_PRIVATE, so
 every fork of one template reads the same page cache, and a page a fork writes becomes an
 anonymous copy of its own (the kernel's copy-on-write); nothing a fork does reaches the
 template's file. The incoming state stream of the source carries no RAM (``x-ignore-shared``
@@ -14,7 +15,8 @@ differ from its file):
   ``/proc/PID/mem`` into the fork's own mem-file, a copy-on-write clone of the template
   (another inode: ``check_not_template``);
 - the device state alone is saved with ``xen-save-devices-state`` (no RAM section, no
-  configuration section: its restore sets ``migration.send-configuration=off``).
+  configuration section: its restore sets ``migration.send-configuration=off``), into a
+  file vmfork opened and passed as an fd set (a confined VMM creates no file).
 The snapshot is then an ordinary one (its mem-file is the guest's whole RAM) of type
 ``DEVICES``, restored with ``share=on`` on the fork's own file like any other.
 
