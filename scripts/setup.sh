@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PKGS=(qemu-system-x86 qemu-utils busybox-static xfsprogs btrfs-progs e2fsprogs cpio musl-tools
-      lz4 zstd xz-utils binutils util-linux ca-certificates
+      lz4 zstd xz-utils binutils util-linux ca-certificates curl
       iproute2 nftables  # networking (vmfork run --network)
       skopeo umoci erofs-utils debootstrap docker-registry tar)  # OCI images (vmfork image ...)
 
@@ -85,4 +85,6 @@ PY
   mkdir -p $TOOLS
   install -m 0755 "$fcdl/firecracker" "$fcdl/jailer" $TOOLS/
 fi
-echo "setup: ok ($(.venv/bin/vmfork --version); $($TOOLS/firecracker --version 2>/dev/null | head -1))"
+# QEMU 10.0.2 (Debian bookworm-backports) into .tools/qemu/, pinned: see the script.
+scripts/fetch-qemu.sh
+echo "setup: ok ($(.venv/bin/vmfork --version); $($TOOLS/firecracker --version 2>/dev/null | head -1); $(.tools/qemu/usr/bin/qemu-system-x86_64 --version 2>/dev/null | head -1))"

@@ -60,7 +60,12 @@ def run_checks(data_dir: Path, progress: Callable[[str], None]) -> dict[str, Any
     if problem:
         add("qemu", "fail", problem)
     else:
-        add("qemu", "ok", f"{shutil.which(qemu.binary)} {qemu.version()}")
+        from vmfork.hypervisor import qemu_bin
+
+        ro = "opens a fork's shared template read-only" if qemu_bin.readonly_ram(qemu.binary) else (
+            "opens a fork's template read-write: confined forks map their own clones (QEMU >= 8.2 "
+            "needed; make setup installs 10.0.2 into .tools/qemu)")
+        add("qemu", "ok", f"{shutil.which(qemu.binary)} {qemu.version()}: {ro}")
     kvm = kvm_device_problem()
     add("/dev/kvm", "warn" if kvm else "ok", kvm or "present and accessible")
     accel = "tcg"

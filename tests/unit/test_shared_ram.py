@@ -61,7 +61,7 @@ def test_mode_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     from vmfork.errors import InvalidArgument
 
     with pytest.raises(InvalidArgument, match="VMFORK_SHARED_RAM"):
-        shared_ram.enabled()
+        shared_ram.enabled(True)
     monkeypatch.setenv("VMFORK_SHARED_RAM", "0")
-    assert not shared_ram.enabled()
-    assert shared_ram.usable_template("/nonexistent", PAGE) is None
+    assert not shared_ram.enabled(True)
+    assert shared_ram.usable_template("/nonexistent", PAGE, readonly=True) is None

@@ -209,9 +209,12 @@ def mountpoint(data_dir: Path) -> Path:
     return p
 
 
-def starter(g: GuestDir, hypervisor: str, argv0: str, inner: Any, netns: str = "") -> Any:
+def starter(g: GuestDir, hypervisor: str, argv0: str, inner: Any, netns: str = "",
+            ro_paths: tuple[str, ...] = ()) -> Any:
     """``inner`` (a Popen-like starter) wrapped to start the VMM confined by this guest's
-    plan (in network namespace ``netns`` if given); None when the guest has no plan."""
+    plan (in network namespace ``netns`` if given); None when the guest has no plan.
+    ``ro_paths``: more files and dirs the VMM sees read-only at their paths (a fork's shared
+    template, which must be readable by the VMM's uid: ``shared_ram.ensure_template``)."""
     plan = load_plan(g)
     if plan is None:
         return None
@@ -234,6 +237,9 @@ def starter(g: GuestDir, hypervisor: str, argv0: str, inner: Any, netns: str = "
     exe_dir = os.path.dirname(os.path.realpath(exe)) if exe else ""
     if exe_dir and not exe_dir.startswith("/usr/") and exe_dir not in ro:
         ro.append(exe_dir)
+    ro_files = [f for f in ("/etc/ld.so.cache",) if os.path.exists(f)]
+    for p in ro_paths:  # bound at the path the VMM is given
+        (ro if os.path.isdir(p) else ro_files).append(os.path.abspath(p))
     ro.sort(key=lambda d: d.count("/"))  # a parent first: bound later, it would hide its child
     spec = Spec(
         uid=plan.uid, gid=plan.gid, groups=plan.groups, mountpoint=str(mountpoint(Path(plan.data_dir))),
@@ -241,7 +247,7 @@ def starter(g: GuestDir, hypervisor: str, argv0: str, inner: Any, netns: str = "
         devices=tuple(d for d in plan.devices if os.path.exists(f"/dev/{d}")),
         procs_files=tuple(str(p) for p in cgroups.procs_files(h, plan.group)),
         root_links=links, root_dirs=dirs,
-        ro_files=tuple(f for f in ("/etc/ld.so.cache",) if os.path.exists(f)),
+        ro_files=tuple(ro_files),
         netns=netns, new_net=not netns,
     )
     setup = child_setup(spec)

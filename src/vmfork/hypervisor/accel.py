@@ -63,7 +63,9 @@ def probe_kvm(binary: str, qemu_version: str, image: Image, timeout: float | Non
     with tempfile.TemporaryDirectory(prefix="vmfork-kvmprobe-") as tmp:
         console = Path(tmp) / "console"
         console.touch()
-        argv = [binary, "-accel", "kvm", "-cpu", "host", "-no-user-config", "-nodefaults",
+        from vmfork.hypervisor.qemu_bin import data_args
+
+        argv = [binary, *data_args(binary), "-accel", "kvm", "-cpu", "host", "-no-user-config", "-nodefaults",
                 "-display", "none", "-no-reboot", "-m", "128M",
                 "-M", "microvm,x-option-roms=off,pit=off,pic=off,isa-serial=on,rtc=on",
                 "-kernel", str(image.vmlinux), "-initrd", str(image.initramfs),
@@ -81,7 +83,7 @@ def probe_kvm(binary: str, qemu_version: str, image: Image, timeout: float | Non
                 if p.poll() is not None:
                     err = (p.stderr.read() if p.stderr else b"").decode(errors="replace").strip()
                     first = err.splitlines()[0] if err else "no message"
-                    reason = f"QEMU exited under -accel kvm: {first.removeprefix(binary + ': ')}"
+                    reason = f"QEMU exited under -accel kvm: {first.removeprefix(binary + ': ').removeprefix(os.path.basename(binary) + ': ')}"
                     break
                 time.sleep(0.05)
             else:

@@ -103,18 +103,19 @@ Starter = Callable[..., "subprocess.Popen[bytes]"]
 
 
 def spawn_vmm(g: GuestDir, argv: list[str], hypervisor: str, *, pass_fds: tuple[int, ...] = (),
-              start: Starter | None = None, netns: str = "") -> ProcRef:
+              start: Starter | None = None, netns: str = "", ro_paths: tuple[str, ...] = ()) -> ProcRef:
     """Start a VMM detached (own session) in the guest dir, its output appended to
     ``logs/vmm.log``, and record it in ``run/vmm.json`` (pid + start time, and its
     supervisor: a shell that records how it ends in ``run/vmm-exit``, see ``supervisor``).
 
     ``start`` replaces ``subprocess.Popen`` (same arguments), e.g. to add a seccomp filter.
     With ``netns`` the VMM (and its supervisor) run in that network namespace (``/run/netns/``).
+    ``ro_paths``: files and dirs a confined VMM sees read-only, at their paths (a shared template).
     """
     g.ensure_dirs()
     from vmfork.confine import starter  # the guest's confinement plan, if it has one
 
-    confined = starter(g, hypervisor, argv[0], start, netns=netns)
+    confined = starter(g, hypervisor, argv[0], start, netns=netns, ro_paths=ro_paths)
     if confined is None and netns:
         from vmfork.confine.launch import join_netns
 
@@ -213,6 +214,11 @@ class Hypervisor(ABC):
         if cfg.vmm_version and cfg.vmm_version != self.version():
             raise WrongState(f"instance '{name}': its snapshot was written by {cfg.hypervisor} "
                              f"{cfg.vmm_version}, this is {self.version()}; restoring it is not supported")
+
+    def readonly_template(self, vmm_version: str) -> bool:
+        """True when the VMM that runs a guest of this snapshot version opens a shared
+        template read-only (``shared_ram``: a confined VMM can then map it). Default: no."""
+        return False
 
     @abstractmethod
     def resume(self, g: GuestDir, proc: ProcRef) -> bool:

@@ -23,7 +23,7 @@ from vmfork import confine
 from vmfork.errors import HypervisorError
 from vmfork.fs import has_shared_extents
 from vmfork.guest.agent import AgentClient
-from vmfork.hypervisor import shared_ram
+from vmfork.hypervisor import qemu_bin, shared_ram
 from vmfork.hypervisor.base import (
     Capabilities,
     Hypervisor,
@@ -43,9 +43,6 @@ from vmfork.util import crashpoint
 
 if TYPE_CHECKING:
     from vmfork.hypervisor.qmp import QMP
-
-BINARY = "qemu-system-x86_64"
-
 
 @functools.cache
 def host_tsc_khz() -> int:
@@ -80,7 +77,7 @@ class QemuHypervisor(Hypervisor):
     capabilities = Capabilities(file_backed_memory=True, live_snapshot=True, shared_template=True)
 
     def __init__(self, binary: str | None = None) -> None:
-        self.binary = binary or os.environ.get("VMFORK_QEMU_BIN") or BINARY
+        self.binary = binary or qemu_bin.default_binary()  # new guests; see qemu_bin
 
     def available(self) -> str | None:
         if shutil.which(self.binary) is None:
@@ -88,7 +85,31 @@ class QemuHypervisor(Hypervisor):
         return None
 
     def version(self) -> str:
-        return _qemu_version(self.binary)
+        return qemu_bin.version(self.binary)
+
+    def binary_for(self, cfg: VMConfig) -> str:
+        """The QEMU that runs this guest: the one that wrote its snapshot (``vmm_version``)."""
+        b = qemu_bin.for_version(self.binary, cfg.vmm_version)
+        if b is None:
+            raise HypervisorError(f"no installed QEMU is version {cfg.vmm_version} (this guest's snapshot); "
+                                  f"{self.binary} is {self.version()}")
+        return b
+
+    def check_snapshot_compat(self, cfg: VMConfig, name: str) -> None:
+        """Any installed QEMU of the snapshot's version restores it (``qemu_bin.for_version``)."""
+        if qemu_bin.for_version(self.binary, cfg.vmm_version) is None:
+            super().check_snapshot_compat(cfg, name)
+
+    def readonly_template(self, vmm_version: str) -> bool:
+        """True when a guest of this snapshot version runs on a QEMU that opens a shared
+        template read-only (``memory-backend-file,readonly=on``): a confined VMM can map it."""
+        b = qemu_bin.for_version(self.binary, vmm_version)
+        return b is not None and qemu_bin.readonly_ram(b)
+
+    def _template(self, cfg: VMConfig) -> Path | None:
+        """The shared template this guest's VMM maps private, if it runs from one."""
+        readonly = qemu_bin.readonly_ram(self.binary_for(cfg))
+        return shared_ram.usable_template(cfg.template, cfg.memory_mib << 20, readonly=readonly)
 
     # --- command line -------------------------------------------------------------------
     def kernel_cmdline(self, accel: str, hostname: str) -> str:
@@ -108,13 +129,17 @@ class QemuHypervisor(Hypervisor):
         likewise for ``run/agent.sock`` (a confined QEMU cannot create files in ``run/``).
         """
         mem = f"{cfg.memory_mib}M"
-        template = shared_ram.usable_template(cfg.template, cfg.memory_mib << 20)
-        # A fork maps its source's template private (its writes are its own); else its own file.
-        backing = f"mem-path={template},share=off" if template else "mem-path=memory,share=on"
+        binary = self.binary_for(cfg)
+        readonly = qemu_bin.readonly_ram(binary)
+        template = self._template(cfg)
+        # A fork maps its source's template private (its writes are its own); else its own
+        # file. A QEMU that can opens the template read-only (a confined VMM may not write it).
+        backing = (f"mem-path={template},share=off" + (",readonly=on,rom=off" if readonly else "")
+                   if template else "mem-path=memory,share=on")
         qmp = (["-chardev", f"socket,id=qmp,fd={qmp_fd},server=on,wait=off", "-mon", "chardev=qmp,mode=control"]
                if qmp_fd is not None else ["-qmp", "unix:run/qmp.sock,server=on,wait=off"])
         args = [
-            self.binary,
+            binary, *qemu_bin.data_args(binary),
             "-name", f"vmfork-{cfg.id or 'probe'},debug-threads=on",
             "-accel", cfg.accel + (f",tb-size={tcg_tb_mib()}" if cfg.accel == "tcg" and tcg_tb_mib() else ""),
             *(["-cpu", "host"] if cfg.accel == "kvm" else []),
@@ -169,6 +194,10 @@ class QemuHypervisor(Hypervisor):
             agent.listen(1)
             argv = self.argv(cfg, image, incoming=incoming, qmp_fd=listener.fileno(), agent_fd=agent.fileno())
             argv += confine.qemu_sandbox_args(g)
+            # what a confined VMM must see besides its guest dir and image: the template it
+            # maps (read-only), the firmware dir of a QEMU outside /usr
+            template, data = self._template(cfg), qemu_bin.data_dir(argv[0])
+            ro_paths = tuple(str(p) for p in (template, data) if p)
             start: Starter | None = None
             if not ram_thp_kept():
                 def start(argv: list[str], **kw: Any) -> subprocess.Popen[bytes]:
@@ -177,7 +206,7 @@ class QemuHypervisor(Hypervisor):
                         kw["stderr"].write(f"--- vmfork: guest RAM keeps QEMU's huge-page advice: {problem}\n".encode())
                     return p
             proc = spawn_vmm(g, argv, self.name, pass_fds=(listener.fileno(), agent.fileno()), start=start,
-                             netns=cfg.netns)
+                             netns=cfg.netns, ro_paths=ro_paths)
         finally:
             listener.close()  # QEMU holds the only copy now: if it dies, our connect fails
             agent.close()
@@ -245,23 +274,30 @@ class QemuHypervisor(Hypervisor):
         A fork running from a template (``shared_ram``): its own pages into its own clone
         ``g.memory``, then the device state alone; the snapshot's config says so
         (``cfg.snapshot_type``, ``cfg.template`` cleared: its mem-file is the whole RAM now).
-        Any other guest: the device state by migration, its RAM being its shared file.
-        (``cfg`` is the one the VMM was started with: its ``snapshot_type`` says how.)
+        A guest restored from such a snapshot: the device state alone again (it runs with
+        ``migration.send-configuration=off``, and QEMU 10's migration then aborts on an
+        assertion, ``leave_container: Assertion `depth' failed``, writing its stream's JSON
+        description; 7.2 did not). Any other guest: the device state by migration, its RAM
+        being its shared file. (``cfg`` is the one the VMM was started with.)
         """
         size = cfg.memory_mib << 20
         m = shared_ram.mapping_of(proc.pid, Path(cfg.template), size) if cfg.template else None
         if m is not None:
             ram = shared_ram.PrivateRam(proc.pid, m.start, shared_ram.private_pages(proc.pid, m.start, size))
             shared_ram.write_private(ram, g.memory, m)
-            q.execute("xen-save-devices-state", {"filename": str(into.resolve() / "state"), "live": False})
+        if m is not None or cfg.snapshot_type == shared_ram.DEVICES:
+            # By fd: a confined VMM cannot create a file in snapshots/ (nor see the path)
+            fdset = q.add_fd(fd)
+            try:
+                q.execute("xen-save-devices-state", {"filename": f"/dev/fdset/{fdset}", "live": False})
+            finally:
+                q.execute("remove-fd", {"fdset-id": fdset})
             cfg.template, cfg.snapshot_type = "", shared_ram.DEVICES
             return
         q.set_migration_capabilities()
         q.pass_fd(fd, "vmfork-state")
         q.execute("migrate", {"uri": "fd:vmfork-state"})
         q.wait_migration()  # completed: QEMU has written and flushed the whole stream
-        # A VMM restored from a device-state stream runs with send-configuration=off: its
-        # streams carry no configuration section either (snapshot_type stays DEVICES).
         cfg.template = ""
 
     def snapshot_live(self, g: GuestDir, cfg: VMConfig, proc: ProcRef, into: Path, *,
@@ -359,17 +395,6 @@ class QemuHypervisor(Hypervisor):
 def _why_dead(g: GuestDir) -> str:
     """How QEMU ended (if it died of something) and its last words."""
     return "; ".join(x for x in (death_cause(g), tail(g.vmm_log, 3)) if x)
-
-
-@functools.cache
-def _qemu_version(binary: str) -> str:
-    try:
-        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise HypervisorError(f"cannot run {binary} --version: {e}") from None
-    first = out.stdout.splitlines()[0] if out.stdout else ""
-    # "QEMU emulator version 7.2.22 (Debian ...)"
-    return first.split("version", 1)[1].split()[0] if "version" in first else first
 
 
 def _uncache_if_shared(memory: Path) -> None:

@@ -95,6 +95,16 @@ class QMP:
             raise HypervisorError(f"passing a file descriptor to QEMU failed: {e}") from None
         self.execute("getfd", {"fdname": name})
 
+    def add_fd(self, fd: int) -> int:
+        """Hand ``fd`` to QEMU (SCM_RIGHTS) into a new fd set: a command that opens a file by
+        name opens ``/dev/fdset/<id>`` (the returned id) as a dup of it. Release it with
+        ``remove-fd``."""
+        try:
+            self._mon.send_fd_scm(fd)
+        except (QMPError, OSError) as e:
+            raise HypervisorError(f"passing a file descriptor to QEMU failed: {e}") from None
+        return int(self.execute("add-fd")["fdset-id"])
+
     def quit(self) -> None:
         """Send 'quit'; QEMU may close the socket before answering, which is fine."""
         try:

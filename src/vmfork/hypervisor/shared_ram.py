@@ -1,6 +1,7 @@
-"""Forks that run from one shared, read-only template mem-file (QEMU 7.2, no QEMU change).
+"""Forks that run from one shared, read-only template mem-file (QEMU 7.2 and 10).
 
-A fork's QEMU maps the template with ``memory-backend-file,share=off``: MAP_PRIVATE, so
+A fork's QEMU maps the template with ``memory-backend-file,share=off`` (QEMU >= 8.2 also
+``readonly=on,rom=off``: opened read-only, mapped writable): MAP_PRIVATE, so
 every fork of one template reads the same page cache, and a page a fork writes becomes an
 anonymous copy of its own (the kernel's copy-on-write); nothing a fork does reaches the
 template's file. The incoming state stream of the source carries no RAM (``x-ignore-shared``
@@ -14,7 +15,8 @@ differ from its file):
   ``/proc/PID/mem`` into the fork's own mem-file, a copy-on-write clone of the template
   (another inode: ``check_not_template``);
 - the device state alone is saved with ``xen-save-devices-state`` (no RAM section, no
-  configuration section: its restore sets ``migration.send-configuration=off``).
+  configuration section: its restore sets ``migration.send-configuration=off``), into a
+  file vmfork opened and passed as an fd set (a confined VMM creates no file).
 The snapshot is then an ordinary one (its mem-file is the guest's whole RAM) of type
 ``DEVICES``, restored with ``share=on`` on the fork's own file like any other.
 
@@ -22,9 +24,13 @@ The template must never be written while a fork maps it: it is an immutable file
 snapshot's mem-file, or a clone of a source's snapshot made for its forks, ``ensure_template``),
 never a file some VMM runs on.
 
-``VMFORK_SHARED_RAM``: ``auto`` (default: on where the VMM is not confined: QEMU 7.2 opens
-the file read-write even with ``share=off``, so a VMM under its own uid and a read-only view
-cannot open a template it must not write), ``0`` (off: every fork maps its own clone).
+``VMFORK_SHARED_RAM``: ``auto`` (default: on where the fork's QEMU opens the template
+read-only, ``memory-backend-file,readonly=on,rom=off``: QEMU >= 8.2, the 10.0.2 that setup
+puts in ``.tools/qemu``, confined or not; with QEMU 7.2, which opens the file read-write even
+with ``share=off``, only where the VMM is not confined: a VMM under its own uid, with a
+read-only view, cannot open a template it must not write), ``0`` (off: every fork maps its
+own clone). A confined VMM sees its template bound read-only at its path, nothing else of
+its source (``confine.starter``).
 """
 
 from __future__ import annotations
@@ -41,6 +47,11 @@ PAGE = 4096
 DEVICES = "devices"
 TEMPLATES = "templates"  # in a source's guest dir: the templates of its forks
 
+#: A template is read-only for all, so that the confined VMM of a fork (its own uid) can open
+#: it: it is reachable on the host only through root's 0700 dirs (``templates/``, the snapshot
+#: store), and a confined VMM sees only its own fork's template, bound read-only.
+TEMPLATE_MODE = 0o444
+
 _PRESENT, _SWAPPED, _FILE = 1 << 63, 1 << 62, 1 << 61
 
 
@@ -51,19 +62,20 @@ def mode() -> str:
     return v
 
 
-def enabled() -> bool:
-    """True when new forks run from a shared template (see the module's note)."""
+def enabled(readonly: bool) -> bool:
+    """True when new forks run from a shared template (see the module's note); ``readonly``:
+    their QEMU opens it read-only (``readonly=on,rom=off``), which a confined VMM needs."""
     if mode() == "0":
         return False
     from vmfork import confine
 
-    return not confine.enabled()
+    return readonly or not confine.enabled()
 
 
-def usable_template(template: str, size: int) -> Path | None:
+def usable_template(template: str, size: int, *, readonly: bool) -> Path | None:
     """The template a fork's snapshot names, if it is still there and of the RAM's size
     (a template removed with its source: the fork runs on its own clone, same content)."""
-    if not template or not enabled():
+    if not template or not enabled(readonly):
         return None
     p = Path(template)
     try:
@@ -99,7 +111,7 @@ def ensure_template(memory: Path, guest_dir: Path) -> Path | None:
     except CopyError:
         tmp.unlink(missing_ok=True)
         return None
-    os.chmod(tmp, 0o400)
+    os.chmod(tmp, TEMPLATE_MODE)
     from vmfork.util import fsync_file
 
     fsync_file(tmp)

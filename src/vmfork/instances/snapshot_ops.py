@@ -26,6 +26,7 @@ from vmfork.hypervisor.shared_ram import ensure_template
 from vmfork.instances import integrity
 from vmfork.instances.model import Instance, new_mac
 from vmfork.layout import LIVE_DIR, ROLLBACK_DIR, GuestDir
+from vmfork.paths import PRIVATE_FILE
 from vmfork.snapshots.store import Snapshot, Store
 from vmfork.util import crashpoint
 
@@ -159,12 +160,16 @@ def name_template(hv: Any, snap: Path, template: Callable[[], Path | None], memo
     the snapshot's config."""
     from vmfork.hypervisor import shared_ram
 
-    if not (hv.capabilities.shared_template and shared_ram.enabled()):
+    if not hv.capabilities.shared_template:
+        return
+    cfg = util.read_json(snap / "config.json")
+    if not shared_ram.enabled(hv.readonly_template(str(cfg.get("vmm_version") or ""))):
         return
     path = template()
     if path is None:
         return
-    cfg = util.read_json(snap / "config.json")
+    if os.stat(path).st_mode & 0o777 != shared_ram.TEMPLATE_MODE:  # a named snapshot's mem-file
+        os.chmod(path, shared_ram.TEMPLATE_MODE)
     cfg["template"] = str(path)
     util.atomic_write_json(snap / "config.json", cfg, durable=False)
     integrity.write_manifest(snap, memory_bytes)
@@ -196,6 +201,7 @@ def fork_snapshot(mgr: Manager, ref: str, name: str, *, count: int | None = None
             latest.mkdir(0o700, parents=True)
             for f in SNAP_FILES:
                 clone_file(snap.dir / f, latest / f)
+            os.chmod(latest / "memory", PRIVATE_FILE)  # the snapshot's own may be a template's 0444
             clone_file(snap.dir / "disk.raw", tmp / "disk.raw")
             name_template(hv, latest, lambda: snap.dir / "memory", snap.memory_mib << 20)  # immutable
 
@@ -439,6 +445,7 @@ def rollback(mgr: Manager, ref: str, snap_ref: str, *, overcommit: bool = False)
         rb.mkdir(0o700, parents=True)
         for f in SNAP_FILES:
             clone_file(snap.dir / f, rb / f)
+        os.chmod(rb / "memory", PRIVATE_FILE)  # not the 0444 of a snapshot that is a template
         clone_file(snap.dir / "disk.raw", rb / "disk.raw")
         fsync_tree(rb, parent=False)
         crashpoint("rollback:cloned")
