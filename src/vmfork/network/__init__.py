@@ -17,8 +17,11 @@ a guest at its instance's ``ip``, and the guest's traffic leaves with that addre
 side, table ``ip vmfork-<id>`` masquerades the guest's egress and forwards the published
 ports (``rules.host_rules``).
 
-Tools: iproute2 (``ip -batch``) and ``nft -f`` (Debian packages), run as subprocesses, so
-their own error messages reach the user; no netlink of our own.
+Tools: iproute2 (``ip -batch``: the veth pair, which needs netlink) and ``nft -f`` (Debian
+packages), run as subprocesses, so their own error messages reach the user; no netlink of
+our own. What the VMM waits for, the namespace and its TAP, is made in-process with no
+process (``kernel``: ``unshare`` + the bind mount ``ip netns add`` makes, the TUN ioctls);
+the rest is made by a thread while the VMM starts (``_rest``).
 
 API (used by the Manager):
 - ``begin(data_dir, iid, spec, uid)``: lease an address (if the instance has none yet) and
