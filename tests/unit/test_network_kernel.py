@@ -170,3 +170,32 @@ def test_what_a_crash_in_the_middle_leaves_is_removed_by_recovery(tmp_path: Path
     finally:
         for x in (a, b):
             subprocess.run(["ip", "netns", "delete", x.netns], capture_output=True, check=False)
+
+
+def test_a_release_before_the_completion_waits_for_the_background_part(ns: str, tmp_path: Path) -> None:
+    """A VMM that failed to start: its instance goes without ``complete()``; what the
+    background thread was still making is removed too (all of it in ``ns``, the test's)."""
+    if shutil.which("nft") is None:
+        pytest.skip("nftables is not installed (make setup)")
+    from vmfork import network
+    from vmfork.network.spec import NetSpec
+
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    iid = secrets.token_hex(6)
+    links: list[str] = []
+
+    def inside() -> None:
+        kernel.join(ns)
+        subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+        lease, _ = network.begin(tmp_path, iid, NetSpec(mode="default", subnet="10.251.0.0/24"), 0)
+        network.release(tmp_path, iid)  # at once: the veth may not be there yet
+        links.append(subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True).stdout)
+        links.append(subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, check=True).stdout)
+        links.append(lease.netns)
+
+    try:
+        kernel.Background(inside).wait()
+        assert f"vf{iid}" not in links[0] and f"vmfork-{iid}" not in links[1]
+        assert not os.path.exists(netns_path(links[2])) and leases.lease_ids(tmp_path) == []
+    finally:
+        subprocess.run(["ip", "netns", "delete", f"vmfork-{iid}"], capture_output=True, check=False)

@@ -98,9 +98,20 @@ def _exists(lease: Lease) -> bool:
     return done and os.path.exists(netns_path(lease.netns))
 
 
+#: The background part of a ``_begin`` not completed yet, by namespace: a teardown waits
+#: for it (a VMM that failed to start: its instance is removed, never completed).
+_pending: dict[str, kernel.Background] = {}
+
+
 def _teardown(lease: Lease, *, table: bool = True) -> None:
     """Remove what ``_begin`` made; whatever is already gone is fine (and costs no process).
     Without ``table`` the host table is left: the next ``_begin`` replaces it whole."""
+    job = _pending.pop(lease.netns, None)
+    if job is not None:
+        try:
+            job.wait()  # nothing made after the teardown
+        except BaseException:
+            pass
     steps = []
     if os.path.exists(netns_path(lease.netns)):
         steps.append(["ip", "netns", "delete", lease.netns])
@@ -125,11 +136,12 @@ def _begin(lease: Lease, uid: int) -> Callable[[], None]:
     nftables tables. The guest runs only once all of it is in place (the caller completes
     before resuming it)."""
     kernel.make(lease.netns, TAP, uid, TAP_IP, GUEST_PREFIX)
-    rest = kernel.Background(lambda: _rest(lease))
+    rest = _pending[lease.netns] = kernel.Background(lambda: _rest(lease))
 
     def complete() -> None:
         try:
             rest.wait()
+            _pending.pop(lease.netns, None)
             # vmfork's namespace: forward the guests' traffic; let 127.0.0.1 reach published
             # ports (route_localnet is set last: it marks the namespace complete, see _exists)
             for key in ("net/ipv4/ip_forward", f"net/ipv4/conf/{lease.veth}/route_localnet"):
