@@ -17,8 +17,11 @@ a guest at its instance's ``ip``, and the guest's traffic leaves with that addre
 side, table ``ip vmfork-<id>`` masquerades the guest's egress and forwards the published
 ports (``rules.host_rules``).
 
-Tools: iproute2 (``ip -batch``) and ``nft -f`` (Debian packages), run as subprocesses, so
-their own error messages reach the user; no netlink of our own.
+Tools: iproute2 (``ip -batch``: the veth pair, which needs netlink) and ``nft -f`` (Debian
+packages), run as subprocesses, so their own error messages reach the user; no netlink of
+our own. What the VMM waits for, the namespace and its TAP, is made in-process with no
+process (``kernel``: ``unshare`` + the bind mount ``ip netns add`` makes, the TUN ioctls);
+the rest is made by a thread while the VMM starts (``_rest``).
 
 API (used by the Manager):
 - ``begin(data_dir, iid, spec, uid)``: lease an address (if the instance has none yet) and
@@ -40,12 +43,14 @@ For wake-on-traffic (a listener that owns an instance's host ports while it is i
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from vmfork.errors import ExternalToolError, InvalidArgument, NotFound
-from vmfork.network import leases, rules
+from vmfork.network import kernel, leases, rules
 from vmfork.network.cmd import finish, netns_path, run, start
 from vmfork.network.leases import Lease
 from vmfork.network.spec import (
@@ -93,9 +98,20 @@ def _exists(lease: Lease) -> bool:
     return done and os.path.exists(netns_path(lease.netns))
 
 
+#: The background part of a ``_begin`` not completed yet, by namespace: a teardown waits
+#: for it (a VMM that failed to start: its instance is removed, never completed).
+_pending: dict[str, kernel.Background] = {}
+
+
 def _teardown(lease: Lease, *, table: bool = True) -> None:
     """Remove what ``_begin`` made; whatever is already gone is fine (and costs no process).
     Without ``table`` the host table is left: the next ``_begin`` replaces it whole."""
+    job = _pending.pop(lease.netns, None)
+    if job is not None:
+        try:
+            job.wait()  # nothing made after the teardown
+        except BaseException:
+            pass
     steps = []
     if os.path.exists(netns_path(lease.netns)):
         steps.append(["ip", "netns", "delete", lease.netns])
@@ -111,63 +127,79 @@ def _teardown(lease: Lease, *, table: bool = True) -> None:
 
 
 def _begin(lease: Lease, uid: int) -> Callable[[], None]:
-    """Make what the VMM needs to start and start the rest at once; return the function
-    that waits for the rest.
+    """Make what the VMM needs to start and start the rest in the background; return the
+    function that waits for the rest.
 
-    On the critical path, two processes: ``ip netns add``, then one ``ip -n NS -batch`` in the
-    new namespace that makes the TAP and the veth pair (its host end sent to vmfork's
-    namespace, by pid) and sets the namespace's addresses and route. Made meanwhile, while
-    the VMM starts and loads: the host end's address, both nftables tables. The guest runs
-    only once all of it is in place (the caller completes before resuming it)."""
-    spec = lease.net
-    run(["ip", "netns", "add", lease.netns])
-    prefix = 30
-    inside = start(["ip", "-n", lease.netns, "-batch", "-"], stdin=(  # ip joins it itself: no preexec
-        f"tuntap add dev {TAP} mode tap user {uid}\n"
-        f"addr add {TAP_IP}/{GUEST_PREFIX} dev {TAP}\n"
-        f"link set {TAP} up\n"
-        "link set lo up\n"
-        f"link add {NS_VETH} type veth peer name {lease.veth} netns {os.getpid()}\n"
-        f"addr add {lease.ip}/{prefix} dev {NS_VETH}\n"
-        f"link set {NS_VETH} up\n"
-        f"route add default via {lease.gateway}\n"))
-    nft_in = start(["nft", "-f", "-"], stdin=rules.instance_rules(lease.ip, spec.egress, spec.allow),
-                   netns=lease.netns, sysctls={"net/ipv4/ip_forward": "1"})
-    nft_host = start(["nft", "-f", "-"], stdin=rules.host_rules(
-        lease.iid, lease.ip, lease.veth, spec.publish, forwarding=lease.forwarding))
-    rest = [(nft_in, "nft"), (nft_host, "nft")]
-    try:
-        finish(inside, "ip")
-        host = start(["ip", "-batch", "-"], stdin=(
-            f"addr add {lease.gateway}/{prefix} dev {lease.veth}\n"
-            f"link set {lease.veth} up\n"))
-        rest.append((host, "ip"))
-    except BaseException:
-        for p, _ in rest:
-            p.kill()
-            p.wait()
-        raise
+    On the critical path, no process: the namespace and its TAP, made in-process
+    (``kernel.make``: ``unshare`` in a thread, the TUN ioctls). Made meanwhile by a thread
+    (``_rest``), while the VMM starts and loads: the veth pair, the addresses and route, both
+    nftables tables. The guest runs only once all of it is in place (the caller completes
+    before resuming it)."""
+    kernel.make(lease.netns, TAP, uid, TAP_IP, GUEST_PREFIX)
+    rest = _pending[lease.netns] = kernel.Background(lambda: _rest(lease))
 
     def complete() -> None:
         try:
-            for p, tool in rest:
-                finish(p, tool)
+            rest.wait()
+            _pending.pop(lease.netns, None)
             # vmfork's namespace: forward the guests' traffic; let 127.0.0.1 reach published
             # ports (route_localnet is set last: it marks the namespace complete, see _exists)
             for key in ("net/ipv4/ip_forward", f"net/ipv4/conf/{lease.veth}/route_localnet"):
-                with open(f"/proc/sys/{key}", "r+") as f:
-                    if f.read().strip() != "1":
-                        f.seek(0)
-                        f.write("1")
+                _sysctl(key)
         except BaseException:
-            for p, _ in rest:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
             _teardown(lease)
             raise
 
     return complete
+
+
+def _sysctl(key: str) -> None:
+    with open(f"/proc/sys/{key}", "r+") as f:
+        if f.read().strip() != "1":
+            f.seek(0)
+            f.write("1")
+
+
+def _rest(lease: Lease) -> None:
+    """In a thread of its own (``kernel.Background``): from vmfork's namespace, the veth pair
+    (its far end made in the instance's namespace) with the host end's address (one ``ip
+    -batch``: netlink) and the host table (``nft``); then, the thread moved into the
+    instance's namespace (it alone), that namespace's table (an ``nft`` started from there
+    runs there) and its end's address and default route (ioctls)."""
+    spec, prefix = lease.net, 30
+    procs: list[tuple[subprocess.Popen[str], str]] = []
+    try:
+        veth = start(["ip", "-batch", "-"], stdin=(
+            f"link add {lease.veth} type veth peer name {NS_VETH} netns {lease.netns}\n"
+            f"addr add {lease.gateway}/{prefix} dev {lease.veth}\n"
+            f"link set {lease.veth} up\n"))
+        procs.append((veth, "ip"))
+        procs.append((start(["nft", "-f", "-"], stdin=rules.host_rules(
+            lease.iid, lease.ip, lease.veth, spec.publish, forwarding=lease.forwarding)), "nft"))
+        try:
+            kernel.join(lease.netns)
+            _sysctl("net/ipv4/ip_forward")  # the instance namespace's: forward between TAP and veth
+        except OSError as e:
+            raise ExternalToolError("netns", f"{lease.netns}: {e.strerror or e}") from None
+        procs.append((start(["nft", "-f", "-"], stdin=rules.instance_rules(lease.ip, spec.egress, spec.allow)),
+                      "nft"))
+        finish(veth, "ip")
+        try:  # the namespace's end of the veth
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+                kernel.set_addr(sock, NS_VETH, lease.ip, prefix)
+                kernel.set_up(sock, NS_VETH)
+                kernel.add_default_route(sock, lease.gateway)
+        except OSError as e:
+            raise ExternalToolError("netns", f"{lease.netns}: {NS_VETH} {lease.ip}/{prefix} via {lease.gateway}: "
+                                             f"{e.strerror or e}") from None
+        for p, tool in procs[1:]:
+            finish(p, tool)
+    except BaseException:
+        for p, _ in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        raise
 
 
 def begin(data_dir: Path, iid: str, spec: NetSpec, uid: int | None) -> tuple[Lease, Callable[[], None]]:

@@ -126,7 +126,45 @@ def pool(data_dir: Path, spec: NetSpec) -> str:
 
 
 def routes() -> list[tuple[ipaddress.IPv4Network, str]]:
-    """The IPv4 routes of the namespace vmfork runs in: (destination, device), default left out."""
+    """The IPv4 routes of the calling thread's namespace (vmfork's): (destination, device),
+    default and loopback left out. Read from /proc (no process on a fork's path): the main
+    table from net/route, and from net/fib_trie the host's own addresses that no route of
+    the main table covers (device unknown there: ``""``). A host with tables of its own
+    (policy routing) is read with ``ip -j route show table all`` instead."""
+    try:
+        with open("/proc/thread-self/net/route") as f:
+            main = f.read().splitlines()[1:]
+        with open("/proc/thread-self/net/fib_trie") as f:
+            trie = f.read().splitlines()
+    except OSError:
+        return _ip_routes()
+    if any(line and not line[0].isspace() and line not in ("Main:", "Local:") for line in trie):
+        return _ip_routes()
+    found = []
+    for line in main:
+        fields = line.split()
+        if len(fields) < 8:
+            continue
+        dev, dst, mask = fields[0], int(fields[1], 16), int(fields[7], 16)
+        net = ipaddress.IPv4Network((socket.ntohl(dst), bin(mask).count("1")), strict=False)
+        if net.prefixlen == 0 or net.network_address.is_loopback:
+            continue
+        found.append((net, "" if dev == "*" else dev))
+    routed = [net for net, _ in found]
+    addr = None
+    for line in trie:
+        text = line.strip()
+        if text.startswith("|-- "):
+            addr = text[4:]
+        elif addr and text.startswith("/32 host LOCAL"):
+            local = ipaddress.IPv4Network(f"{addr}/32")
+            if not local.network_address.is_loopback and not any(local.subnet_of(n) for n in routed):
+                found.append((local, ""))
+                routed.append(local)
+    return found
+
+
+def _ip_routes() -> list[tuple[ipaddress.IPv4Network, str]]:
     from vmfork.network.cmd import run
 
     out = json.loads(run(["ip", "-j", "-4", "route", "show", "table", "all"]) or "[]")
