@@ -160,3 +160,19 @@ def test_stdin_frames_for_unknown_or_finished_execs_are_ignored(agent: Path) -> 
         assert c.exec(["echo", "fine"]).stdout == b"fine\n"
         with pytest.raises(Exception, match="malformed"):
             c.request(proto.RESIZE, b"\0\0", proto.PONG, 5.0, "bad resize")
+
+
+def test_errors_from_the_guest_are_bounded_and_printable(tmp_path: Path) -> None:
+    """A guest's error text reaches the host cut short and without control characters."""
+    import socket
+
+    a, b = socket.socketpair()
+    with AgentClient(a, "test") as c:
+        rid = c.start_exec(["true"])
+        frame = proto.encode_frame(proto.ERROR, rid, b"\x1b[31mred\n" + b"x" * (1 << 20))
+        threading.Thread(target=b.sendall, args=(frame,), daemon=True).start()  # read meanwhile
+        with pytest.raises(Exception) as info:
+            c.wait_exec(rid, ["true"])
+        text = str(info.value)
+        assert len(text) < 400 and "\x1b" not in text and "\n" not in text and "red" in text
+    b.close()

@@ -50,6 +50,8 @@ STDOUT, STDERR = 1, 2
 # stdin received from a WebSocket client and not yet taken by the command (beyond it, one
 # message more at most: the server stops reading the socket)
 MAX_PENDING_STDIN = 1 << 20
+# output per WebSocket message (the guest agent sends 64 KiB chunks; a frame may hold 16 MiB)
+OUTPUT_MESSAGE = 64 << 10
 
 
 class ExecStart(models.ExecRequest):
@@ -182,10 +184,12 @@ async def exec_ws(ws: WebSocket, id: str) -> None:
     interactive = body.stream_stdin or body.tty
     pipe: asyncio.Future[ExecStdin] = loop.create_future()
 
-    def put(item: tuple[int, bytes] | None) -> None:  # from the exec thread: waits for room
-        if abort.wanted:
-            raise ConnectionAbortedError("the client went away")
-        asyncio.run_coroutine_threadsafe(queue.put(item), loop).result()
+    def put(item: tuple[int, bytes]) -> None:  # from the exec thread: waits for room
+        stream, data = item
+        for i in range(0, len(data), OUTPUT_MESSAGE):  # bounded: 64 messages of OUTPUT_MESSAGE
+            if abort.wanted:
+                raise ConnectionAbortedError("the client went away")
+            asyncio.run_coroutine_threadsafe(queue.put((stream, data[i:i + OUTPUT_MESSAGE])), loop).result()
 
     def got_stdin(p: ExecStdin) -> None:  # from the exec thread, once the command runs
         def settle() -> None:

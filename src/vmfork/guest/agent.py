@@ -130,7 +130,7 @@ class ExecStdin:
 
     def _acked(self, n: int) -> None:
         with self._cond:
-            self._inflight = max(0, self._inflight - n)
+            self._inflight = max(0, self._inflight - n)  # a guest acking more gains nothing
             self._cond.notify_all()
 
     def _end(self) -> None:
@@ -349,7 +349,7 @@ class AgentClient:
         req_id = self._send(type_, payload, timeout=timeout)
         frame = self._recv(req_id, deadline, what)
         if frame.type == proto.ERROR:
-            raise AgentError(f"guest agent: {frame.payload.decode(errors='replace')}")
+            raise AgentError(f"guest agent: {_reason(frame.payload, 'error without a message')}")
         if frame.type != expect:
             raise AgentError(f"guest agent: unexpected {frame.type!r} reply to {what}")
         return frame.payload
@@ -484,7 +484,7 @@ class AgentClient:
                         stderr_dropped=err.dropped,
                     )
                 elif frame.type == proto.ERROR:
-                    raise AgentError(f"guest agent: {frame.payload.decode(errors='replace')}")
+                    raise AgentError(f"guest agent: {_reason(frame.payload, 'error without a message')}")
                 else:
                     raise AgentError(f"guest agent: unexpected {frame.type!r} frame during {what}")
         except BaseException:
@@ -534,10 +534,11 @@ class AgentClient:
             self.close()
 
 
-def _reason(payload: bytes) -> str:
-    text = payload.decode(errors="replace")
+def _reason(payload: bytes, default: str = "the exec was aborted") -> str:
+    """Text from the guest (or the mux), bounded and made printable."""
+    text = payload[: _MAX_REASON * 4].decode(errors="replace")
     text = "".join(c if c.isprintable() else " " for c in text)
-    return text[:_MAX_REASON] or "the exec was aborted"
+    return text[:_MAX_REASON] or default
 
 
 def wait_ready(
