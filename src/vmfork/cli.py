@@ -396,15 +396,19 @@ MAX_TIMEOUT_S = 0xFFFFFFFF // 1000  # the agent protocol carries milliseconds in
 @click.option("--timeout", type=float, default=None, help="Kill the command after this many seconds (exit 124).")
 @click.option("-e", "--env", "envs", multiple=True, help="KEY=VALUE for the command's environment.")
 @click.option("-w", "--workdir", default=None, help="Working directory in the guest.")
-@click.option("-i", "--stdin", "use_stdin", is_flag=True, help="Send this process's stdin to the command.")
+@click.option("-i", "--stdin", "use_stdin", is_flag=True,
+              help="Stream this process's stdin to the command (as it reads it; end of file closes it).")
+@click.option("-t", "--tty", "use_tty", is_flag=True,
+              help="Run the command on a terminal (PTY) in the guest, sized and resized as this one; "
+                   "implies -i. This terminal is put in raw mode meanwhile.")
 @click.option("--system", is_flag=True, help="An image instance: run in vmfork's own guest system, "
               "not in the image's root.")
 @pass_ctx
 def exec_(c: Ctx, name: str, command: tuple[str, ...], timeout: float | None, envs: tuple[str, ...],
-          workdir: str | None, use_stdin: bool, system: bool) -> None:
+          workdir: str | None, use_stdin: bool, use_tty: bool, system: bool) -> None:
     """Run COMMAND in NAME's guest: relays stdout/stderr, exits with its exit code.
 
-    Usage: vmfork exec NAME -- CMD [ARGS...]
+    Usage: vmfork exec NAME -- CMD [ARGS...]   (interactive shell: vmfork exec -t NAME -- sh)
     """
     argv = list(command)
     if timeout is not None and not (math.isfinite(timeout) and 0 < timeout <= MAX_TIMEOUT_S):
@@ -416,8 +420,6 @@ def exec_(c: Ctx, name: str, command: tuple[str, ...], timeout: float | None, en
             raise InvalidArgument(f"invalid --env '{kv}': expected KEY=VALUE")
         k, v = kv.split("=", 1)
         env[k] = v
-    data = sys.stdin.buffer.read() if use_stdin else b""
-
     def relay(stream: Any) -> Callable[[bytes], None]:
         def write(chunk: bytes) -> None:
             stream.buffer.write(chunk)
@@ -425,8 +427,22 @@ def exec_(c: Ctx, name: str, command: tuple[str, ...], timeout: float | None, en
 
         return write
 
-    r = c.mgr.exec(name, argv, stdin=data, timeout=timeout, env=env or None, cwd=workdir,
-                   on_stdout=relay(sys.stdout), on_stderr=relay(sys.stderr), in_image=not system)
+    kw: dict[str, Any] = {}
+    if use_stdin or use_tty:
+        from vmfork.exec_tty import Terminal
+
+        term = Terminal(sys.stdin.fileno(), raw=use_tty)
+        kw = {"on_stdin": term.attach, "tty": use_tty, "rows": term.rows, "cols": term.cols}
+        if use_tty and "TERM" not in env and os.environ.get("TERM"):
+            env["TERM"] = os.environ["TERM"]
+    else:
+        term = None
+    try:
+        r = c.mgr.exec(name, argv, timeout=timeout, env=env or None, cwd=workdir, on_stdout=relay(sys.stdout),
+                       on_stderr=relay(sys.stderr), in_image=not system, **kw)
+    finally:
+        if term is not None:
+            term.restore()
     if r.timed_out:
         err.print(_clean(f"vmfork: '{' '.join(argv)}' timed out after {timeout}s in '{name}'"))
     sys.exit(r.exit_code)

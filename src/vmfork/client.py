@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import base64
 import builtins
+import contextlib
 import json
 import os
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -30,6 +32,8 @@ from vmfork import errors, models
 
 T = TypeVar("T")
 DEFAULT_TIMEOUT = 900.0
+MAX_WS_MESSAGE = 1 << 20  # the largest WebSocket message taken from the server (output: <= 64 KiB + 1)
+STDIN_MESSAGE = 64 << 10  # stdin per WebSocket message sent
 
 
 class APIError(errors.VmforkError):
@@ -259,32 +263,30 @@ class Instance:
                     cwd: str | None = None, timeout: float | None = None,
                     on_stdout: Callable[[bytes], None] | None = None,
                     on_stderr: Callable[[bytes], None] | None = None) -> dict[str, Any]:
-        """Run ``argv`` over the WebSocket: output is passed to the callbacks as it comes;
-        returns the final ``{"type": "exit", "exit_code": ...}`` message."""
-        from httpx_ws import connect_ws
+        """Run ``argv`` over the WebSocket: ``stdin`` is streamed (as the command reads it,
+        while its output is passed to the callbacks as it comes); returns the final
+        ``{"type": "exit", "exit_code": ...}`` message."""
+        with self.exec_interactive(argv, env=env, cwd=cwd, timeout=timeout) as session:
+            def feed() -> None:
+                with contextlib.suppress(Exception):  # the command exited, or the stream is over
+                    session.send(stdin)
+                    session.close_stdin()
 
-        body = _exec_body(argv, "", env, cwd, timeout) | {"stream_stdin": True}
-        ws: Any
-        with connect_ws(self._path("/exec/ws"), self.client.http) as ws:
-            ws.send_text(json.dumps(body))
-            for i in range(0, len(stdin), 1 << 20):
-                ws.send_bytes(stdin[i:i + (1 << 20)])
-            ws.send_text(json.dumps({"type": "eof"}))
-            while True:
-                msg = ws.receive()
-                data = getattr(msg, "data", None)
-                if isinstance(data, bytes | bytearray):
-                    cb = on_stdout if data[:1] == b"\x01" else on_stderr
-                    if cb is not None:
-                        cb(bytes(data[1:]))
-                elif isinstance(data, str):
-                    final: dict[str, Any] = json.loads(data)
-                    if final.get("type") == "error":
-                        code = str(final.get("code", "internal"))
-                        raise ERRORS.get(code, APIError)(0, code, str(final.get("detail")), final)
-                    return final
-                else:
-                    raise AgentError(0, "agent_error", "the exec stream closed before its exit")
+            sender = threading.Thread(target=feed, daemon=True, name="vmfork-exec-stdin")
+            sender.start()
+            final = session.wait(on_stdout=on_stdout, on_stderr=on_stderr)
+            sender.join(5.0)
+            return final
+
+    def exec_interactive(self, argv: list[str] | str, *, tty: bool = False, rows: int = 0, cols: int = 0,
+                         stdin: bytes = b"", env: dict[str, str] | None = None, cwd: str | None = None,
+                         timeout: float | None = None) -> ExecSession:
+        """Start ``argv`` with its stdin open (``tty``: on a PTY of ``rows`` x ``cols``):
+        ``send`` / ``close_stdin`` / ``resize`` while ``recv`` (or iterating) reads its output;
+        ``wait`` returns the exit. Closing the session before it exits kills the command."""
+        body = _exec_body(argv, stdin, env, cwd, timeout) | {"stream_stdin": True, "tty": tty, "rows": rows,
+                                                            "cols": cols}
+        return ExecSession(self.client, self._path("/exec/ws"), body)
 
     def read_file(self, path: str) -> bytes:
         return self.client.request("GET", self._path("/files"), params={"path": path}).content
@@ -310,6 +312,88 @@ class Instance:
     def snapshot(self, name: str) -> models.SnapshotResult:
         return models.SnapshotResult.model_validate(
             self.client.json("POST", self._path("/snapshots"), json={"name": name}))
+
+
+class ExecSession:
+    """An exec over the WebSocket ``/instances/{id}/exec/ws`` with its stdin open (see
+    :meth:`Instance.exec_interactive`). ``send`` and ``recv`` may be used from two threads."""
+
+    def __init__(self, client: Client, path: str, body: dict[str, Any]) -> None:
+        from httpx_ws import connect_ws
+
+        self._cm: Any = connect_ws(path, client.http, max_message_size_bytes=MAX_WS_MESSAGE)
+        try:
+            self._ws: Any = self._cm.__enter__()
+        except httpx.TransportError as e:
+            raise _unreachable(client.uds or client.base_url, e) from None
+        self.result: dict[str, Any] | None = None  # the final exit message, once received
+        self._ws.send_text(json.dumps(body))
+
+    def __enter__(self) -> ExecSession:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def send(self, data: bytes | str) -> None:
+        """More stdin for the command (sent as it reads it: this blocks while it does not)."""
+        raw = data.encode() if isinstance(data, str) else data
+        for i in range(0, len(raw), STDIN_MESSAGE):
+            self._ws.send_bytes(raw[i:i + STDIN_MESSAGE])
+
+    def close_stdin(self) -> None:
+        """End of stdin (on a tty: the VEOF character, ^D)."""
+        self._ws.send_text(json.dumps({"type": "eof"}))
+
+    def resize(self, rows: int, cols: int) -> None:
+        """The terminal's new size (a tty exec; the command gets SIGWINCH)."""
+        self._ws.send_text(json.dumps({"type": "resize", "rows": rows, "cols": cols}))
+
+    def recv(self, timeout: float | None = None) -> tuple[str, bytes] | None:
+        """The next output, ``("stdout" | "stderr", bytes)``, or None once the command has
+        exited (``result`` then holds the exit). Raises TimeoutError after ``timeout`` s."""
+        import queue
+
+        from httpx_ws import WebSocketDisconnect
+
+        if self.result is not None:
+            return None
+        try:
+            msg = self._ws.receive(timeout)
+        except queue.Empty:
+            raise TimeoutError("no output from the command yet") from None
+        except WebSocketDisconnect:
+            raise AgentError(0, "agent_error", "the exec stream closed before its exit") from None
+        data = getattr(msg, "data", None)
+        if isinstance(data, bytes | bytearray):
+            return ("stdout" if data[:1] == b"\x01" else "stderr"), bytes(data[1:])
+        if isinstance(data, str):
+            final: dict[str, Any] = json.loads(data)
+            if final.get("type") == "error":
+                code = str(final.get("code", "internal"))
+                raise ERRORS.get(code, APIError)(0, code, str(final.get("detail")), final)
+            self.result = final
+            return None
+        return self.recv(timeout)  # a ping or the like
+
+    def __iter__(self) -> Iterator[tuple[str, bytes]]:
+        while (event := self.recv()) is not None:
+            yield event
+
+    def wait(self, on_stdout: Callable[[bytes], None] | None = None,
+             on_stderr: Callable[[bytes], None] | None = None) -> dict[str, Any]:
+        """Read the rest of the output (to the callbacks, or dropped) and return the exit."""
+        for stream, data in self:
+            cb = on_stdout if stream == "stdout" else on_stderr
+            if cb is not None:
+                cb(data)
+        assert self.result is not None
+        return self.result
+
+    def close(self) -> None:
+        """Disconnect: a command still running is killed in the guest."""
+        with contextlib.suppress(Exception):
+            self._cm.__exit__(None, None, None)
 
 
 class Instances:

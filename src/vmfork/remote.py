@@ -46,6 +46,22 @@ class RemoteExec:
     signal: int | None
 
 
+class _SessionStdin:
+    """An ExecSession's stdin with the interface of the local ExecStdin (write, close, resize)."""
+
+    def __init__(self, session: Any) -> None:
+        self.session = session
+
+    def write(self, data: bytes) -> None:
+        self.session.send(data)
+
+    def close(self) -> None:
+        self.session.close_stdin()
+
+    def resize(self, rows: int, cols: int) -> None:
+        self.session.resize(rows, cols)
+
+
 class RemoteManager:
     def __init__(self, host: str) -> None:
         from vmfork.client import Client
@@ -128,13 +144,21 @@ class RemoteManager:
     def exec(self, ref: str, argv: list[str], *, stdin: bytes = b"", timeout: float | None = None,
              env: dict[str, str] | None = None, cwd: str | None = None,
              on_stdout: Callable[[bytes], None] | None = None,
-             on_stderr: Callable[[bytes], None] | None = None, **_: Any) -> RemoteExec:
+             on_stderr: Callable[[bytes], None] | None = None,
+             on_stdin: Callable[[Any], None] | None = None, tty: bool = False, rows: int = 0, cols: int = 0,
+             **_: Any) -> RemoteExec:
         from vmfork.client import Instance
         from vmfork.models import Instance as InstanceModel
 
         inst = Instance(self.client, InstanceModel.model_validate(self.client.json("GET", f"/instances/{ref}")))
-        final = inst.exec_stream(argv, stdin=stdin, env=env, cwd=cwd, timeout=timeout,
-                                 on_stdout=on_stdout, on_stderr=on_stderr)
+        if on_stdin is None:
+            final = inst.exec_stream(argv, stdin=stdin, env=env, cwd=cwd, timeout=timeout,
+                                     on_stdout=on_stdout, on_stderr=on_stderr)
+        else:
+            with inst.exec_interactive(argv, tty=tty, rows=rows, cols=cols, stdin=stdin, env=env, cwd=cwd,
+                                       timeout=timeout) as session:
+                on_stdin(_SessionStdin(session))
+                final = session.wait(on_stdout=on_stdout, on_stderr=on_stderr)
         return RemoteExec(int(final["exit_code"]), bool(final.get("timed_out")), final.get("signal"))
 
     def __getattr__(self, name: str) -> Any:

@@ -8,6 +8,7 @@ import errno
 import io
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -221,11 +222,76 @@ def test_streaming_exec_with_stdin(server: Server, box: object) -> None:
     from httpx_ws import connect_ws
 
     with server.raw() as h, connect_ws("/instances/api-box/exec/ws", h) as ws:
-        ws.send_text(json.dumps({"argv": ["sh"], "tty": True}))
+        ws.send_text(json.dumps({"argv": ["cat"], "stream_stdin": True}))
+        ws.send_text(json.dumps({"type": "dance"}))
         msg = json.loads(ws.receive_text())
-    assert msg["type"] == "error" and msg["code"] == "unsupported" and "tty" in msg["detail"]
+    assert msg["type"] == "error" and msg["code"] == "invalid" and "expected stdin bytes" in msg["detail"]
     with pytest.raises(InvalidError):
         box.exec_stream([""])  # type: ignore[attr-defined]
+
+
+def _expect(session: object, pattern: bytes, seen: bytearray, timeout: float = 60.0) -> re.Match[bytes]:
+    """Read the session's output into ``seen`` until ``pattern`` matches (consumed)."""
+    deadline = time.monotonic() + timeout
+    while (m := re.search(pattern, bytes(seen))) is None:
+        left = deadline - time.monotonic()
+        assert left > 0, f"{pattern!r} not seen; output: {bytes(seen)!r}"
+        try:
+            event = session.recv(left)  # type: ignore[attr-defined]
+        except TimeoutError:
+            continue
+        assert event is not None, f"the command exited before {pattern!r}; output: {bytes(seen)!r}"
+        seen += event[1]
+    del seen[: m.end()]
+    return m
+
+
+def test_interactive_stdin_over_the_websocket(server: Server, box: object, report: list[str]) -> None:
+    """Each reply is read before the next line is sent: stdin really streams. EOF ends cat."""
+    seen = bytearray()
+    with box.exec_interactive(["sh", "-c", "read x; echo got:$x; read y; echo second:$y; exit 5"]) as s:  # type: ignore[attr-defined]
+        t0 = time.monotonic()
+        s.send("hello\n")
+        _expect(s, rb"got:hello\n", seen)
+        rtt = time.monotonic() - t0
+        s.send(b"bye\n")
+        _expect(s, rb"second:bye\n", seen)
+        assert s.wait()["exit_code"] == 5
+    with box.exec_interactive("cat") as s:  # type: ignore[attr-defined]
+        s.send(b"line\n")
+        _expect(s, rb"line\n", seen)
+        s.close_stdin()
+        final = s.wait()
+        assert (final["exit_code"], final["signal"]) == (0, None)
+    # more stdin than any window, through a command that reads it slowly at first
+    data = os.urandom(4 << 20)
+    out: list[bytes] = []
+    final = box.exec_stream(["sh", "-c", "sleep 1; sha256sum"], stdin=data, on_stdout=out.append)  # type: ignore[attr-defined]
+    import hashlib
+
+    assert final["exit_code"] == 0 and b"".join(out).split()[0].decode() == hashlib.sha256(data).hexdigest()
+    report.append(f"API: interactive exec, one line to its answer over the WebSocket in {rtt * 1000:.0f} ms")
+
+
+def test_tty_exec_with_resize_and_disconnect(server: Server, box: object) -> None:
+    script = ("echo pid:$$; tty; stty size; trap 'echo winch; stty size' WINCH; echo ready; "
+              "i=0; while [ $i -lt 3000 ]; do sleep 0.1; i=$((i+1)); done")
+    seen = bytearray()
+    with box.exec_interactive(["sh", "-c", script], tty=True, rows=30, cols=100) as s:  # type: ignore[attr-defined]
+        pid = int(_expect(s, rb"pid:(\d+)\r\n", seen).group(1))
+        assert re.fullmatch(rb"/dev/pts/\d+", _expect(s, rb"(\S+)\r\n", seen).group(1))
+        _expect(s, rb"30 100\r\n", seen)
+        _expect(s, rb"ready\r\n", seen)
+        s.resize(40, 120)
+        _expect(s, rb"winch\r\n40 120\r\n", seen)
+    # the session closed mid-exec: the command (on its tty) is killed in the guest
+    assert _guest_pid_gone(box, pid), f"tty process {pid} still runs after the WebSocket closed"
+    with box.exec_interactive(["sh", "-c", "[ -t 0 ] && echo isatty; echo err >&2; exec cat"], tty=True) as s:  # type: ignore[attr-defined]
+        _expect(s, rb"isatty\r\nerr\r\n", seen)  # stderr is the terminal too
+        s.send("typed\n")
+        _expect(s, rb"typed\r\n", seen)
+        s.close_stdin()  # ^D: cat reads end of file
+        assert s.wait()["exit_code"] == 0
 
 
 def _guest_pid_gone(box: object, pid: int) -> bool:
@@ -444,6 +510,76 @@ def test_cli_through_the_server(built: CLI, server: Server, box: object) -> None
     assert d["name"] == "api-box" and d["state"] == "running"
     r = built("--host", str(server.data_dir / "nothing.sock"), "ps", check=False)
     assert r.returncode == 1 and b"cannot reach the vmfork server" in r.stderr, r
+
+
+def _read_until(fd: int, pattern: bytes, seen: bytearray, timeout: float = 60.0) -> None:
+    import select
+
+    deadline = time.monotonic() + timeout
+    while pattern not in seen:
+        left = deadline - time.monotonic()
+        assert left > 0, f"{pattern!r} not seen; output: {bytes(seen)!r}"
+        if select.select([fd], [], [], left)[0]:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:  # EIO: every holder of the other end is gone
+                chunk = b""
+            assert chunk, f"{pattern!r} not seen before the end; output: {bytes(seen)!r}"
+            seen += chunk
+    del seen[: seen.index(pattern) + len(pattern)]
+
+
+def test_cli_exec_streams_stdin_and_runs_on_a_tty(built: CLI, server: Server, box: object) -> None:
+    """`vmfork exec -i` answers a line before the next is written (directly and through the
+    server); `vmfork exec -t` on a terminal gives the command one of the same size, resized
+    with it (SIGWINCH), in raw mode (restored afterwards)."""
+    import fcntl
+    import pty
+    import signal
+    import struct
+    import termios
+
+    base = [sys.executable, "-m", "vmfork.cli", "--data-dir", str(built.data_dir), "-q"]
+    for host in ([], ["--host", str(server.sock)]):
+        p = subprocess.Popen([*base, *host, "exec", "-i", "api-box", "--", "sh", "-c",
+                              "read x; echo got:$x; read y; echo second:$y"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            assert p.stdin is not None and p.stdout is not None
+            p.stdin.write(b"one\n")
+            p.stdin.flush()
+            seen = bytearray()
+            _read_until(p.stdout.fileno(), b"got:one\n", seen)
+            p.stdin.write(b"two\n")
+            p.stdin.close()
+            assert p.stdout.read() == b"second:two\n" and p.wait(60) == 0, p.stderr.read() if p.stderr else ""
+        finally:
+            p.kill()
+            p.wait()
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 111, 0, 0))
+    before = termios.tcgetattr(slave)
+    p = subprocess.Popen([*base, "exec", "-t", "api-box", "--", "sh", "-c",
+                          "tty; stty size; i=0; while [ \"$(stty size)\" = '33 111' ] && [ $i -lt 600 ]; "
+                          "do sleep 0.1; i=$((i+1)); done; stty size; read x; echo done:$x"],
+                         stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
+    try:
+        seen = bytearray()
+        _read_until(master, b"/dev/pts/", seen)
+        _read_until(master, b"33 111\r\n", seen)
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 44, 122, 0, 0))
+        os.kill(p.pid, signal.SIGWINCH)  # no controlling terminal here: as the kernel would
+        _read_until(master, b"44 122\r\n", seen)
+        os.write(master, b"hi\r")  # raw mode: the guest's terminal turns \r into \n
+        _read_until(master, b"done:hi", seen)
+        assert p.wait(60) == 0
+        assert termios.tcgetattr(slave) == before, "the terminal was left in raw mode"
+    finally:
+        p.kill()
+        p.wait()
+        os.close(master)
+        os.close(slave)
 
 
 def test_sigterm_leaves_guests_running(built: CLI, server: Server, box: object) -> None:

@@ -108,9 +108,9 @@ def test_garbage_and_errors(agent: Path) -> None:
         c._sock.sendall(b"\0garbage VFK")
         c._sock.sendall(b"VFK1P" + b"\0\0\0\1" + b"\xff\xff\xff\xff")  # oversize header
         c.ping()
-        rid = c._send(b"Y")
+        rid = c._send(b"V")
         frame = c._recv(rid, time.monotonic() + 5, "unknown")
-        assert frame.type == proto.ERROR and b"unknown request type 'Y'" in frame.payload
+        assert frame.type == proto.ERROR and b"unknown request type 'V'" in frame.payload
         rid = c._send(proto.KILL, b"\0")  # the target must be 4 bytes
         frame = c._recv(rid, time.monotonic() + 5, "bad kill")
         assert frame.type == proto.ERROR and b"4-byte request id" in frame.payload

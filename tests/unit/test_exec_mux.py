@@ -199,3 +199,44 @@ def test_slow_client_is_held_and_does_not_stall_others(agent_server: AgentServer
     mux.wake_w.send(b"t")
     loop.join(timeout=10)
     assert mux.done
+
+
+def test_interactive_exec_through_the_mux(guest) -> None:
+    """stdin, its acks, EOF and resizes pass the mux (targets rewritten per client: a client
+    cannot reach another's exec), and a gone client's tty command is killed."""
+    g, vmm, connect_agent = guest
+    argv = ["sh", "-c", "read x; echo got:$x; exec cat"]
+    with muxctl.connect(g, vmm, connect_agent) as c, muxctl.connect(g, vmm, connect_agent) as other:
+        rid = c.start_exec(argv, interactive=True)
+        stdin = c.stdin_of(rid)
+        stdin.write(b"one\n")
+        assert _output(c, rid, b"got:one\n") == b"got:one\n"
+        orid = other.start_exec(["sleep", "300"], interactive=True)
+        other._send_raw(muxmod.proto.STDIN, muxmod.proto.encode_target(rid) + b"intruder\n")
+        other._send_raw(muxmod.proto.STDIN_EOF, muxmod.proto.encode_target(rid))
+        big = os.urandom(1 << 20)  # four windows: written only as the acks come back
+        done = threading.Thread(target=lambda: (stdin.write(big), stdin.close()))
+        done.start()
+        r = c.wait_exec(rid, argv)
+        done.join(10)
+        assert r.exit_code == 0 and r.stdout == big  # nothing of the intruder's
+        other.kill(orid)
+        assert other.wait_exec(orid, ["sleep"]).signal == 9
+
+    c = muxctl.connect(g, vmm, connect_agent)
+    rid = c.start_exec(["sh", "-c", "echo $$; stty size; exec sleep 300"], interactive=True, tty=True,
+                       rows=12, cols=34)
+    out = _output(c, rid, b"12 34")
+    pid = int(out.split()[0])
+    c.close()
+    assert _gone(pid), "the tty command outlived its client"
+
+
+def _output(c: AgentClient, rid: int, until: bytes) -> bytes:
+    """Output of exec ``rid`` up to ``until`` (stdin acks skipped)."""
+    out = b""
+    while until not in out:
+        f = c.recv_frame(rid, 10, "output")
+        if f.type != muxmod.proto.STDIN_ACK:
+            out += f.payload
+    return out

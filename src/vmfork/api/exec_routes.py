@@ -1,13 +1,23 @@
 """Exec (request/response and WebSocket streaming) and files, through the guest agent.
 
 WebSocket protocol of ``/instances/{id}/exec/ws``:
-- the client sends one text message, a JSON ``ExecStart``; with ``stream_stdin`` it then
-  sends its stdin as binary messages and a text ``{"type": "eof"}`` (stdin is handed to the
-  guest whole at EOF: the guest agent takes stdin with the exec request);
+- the client sends one text message, a JSON ``ExecStart``: ``argv``, ``env``, ``cwd``,
+  ``timeout``, initial ``stdin``/``stdin_b64``, and
+  - ``stream_stdin``: the command's stdin stays open; each binary message is more stdin,
+    written as the command reads it (flow control end to end: the server stops reading the
+    socket while about ``MAX_PENDING_STDIN`` bytes wait for the command), and the text
+    ``{"type": "eof"}`` closes it;
+  - ``tty`` (implies ``stream_stdin``): the command runs on a PTY of ``rows`` x ``cols``
+    (default 24x80, ``TERM=xterm``), its session's controlling terminal; its output
+    (stdout and stderr) comes as stdout; ``{"type": "resize", "rows": R, "cols": C}``
+    resizes it (the command gets SIGWINCH); ``eof`` sends the terminal's VEOF (^D);
 - the server sends the output as binary messages, the first byte naming the stream
-  (1 stdout, 2 stderr), then a text ``{"type": "exit", ...}`` or ``{"type": "error", ...}``,
-  and closes;
-- a client that goes away ends the guest command (it is killed).
+  (1 stdout, 2 stderr), then a text ``{"type": "exit", "exit_code": N, "timed_out": B,
+  "signal": S|null}`` or ``{"type": "error", "code": ..., "detail": ...}``, and closes;
+- a client that goes away (or sends a malformed message: an ``error`` answers it) ends
+  the guest command: it is killed, with or without a tty. One limit: while the command
+  does not read its stdin and the client's unread stdin fills the window, the server does
+  not read the socket, so it sees the client go only once the command reads or exits.
 """
 
 from __future__ import annotations
@@ -30,15 +40,26 @@ from vmfork import models, util
 from vmfork.api.app import State, blocking, state
 from vmfork.api.problems import ApiError, classify, responses
 from vmfork.errors import VmforkError
+from vmfork.guest.agent import ExecStdin
 
 router = APIRouter(tags=["exec"])
 Dep = Annotated[State, Depends(state)]
 STDOUT, STDERR = 1, 2
 
 
+# stdin received from a WebSocket client and not yet taken by the command (beyond it, one
+# message more at most: the server stops reading the socket)
+MAX_PENDING_STDIN = 1 << 20
+# output per WebSocket message (the guest agent sends 64 KiB chunks; a frame may hold 16 MiB)
+OUTPUT_MESSAGE = 64 << 10
+
+
 class ExecStart(models.ExecRequest):
-    tty: bool = False
-    stream_stdin: bool = Field(default=False, description="stdin follows as binary messages, then {'type':'eof'}.")
+    tty: bool = Field(default=False, description="Run on a PTY (implies stream_stdin).")
+    rows: int = Field(default=0, ge=0, le=65535, description="The PTY's rows (0: 24).")
+    cols: int = Field(default=0, ge=0, le=65535, description="The PTY's columns (0: 80).")
+    stream_stdin: bool = Field(default=False, description="stdin stays open: binary messages feed it, "
+                                                          "{'type':'eof'} closes it.")
 
 
 class _Abort:
@@ -145,24 +166,6 @@ async def exec_ws(ws: WebSocket, id: str) -> None:
         _check_argv(body.argv)
         _check_env(body.env, body.cwd)
         stdin = _stdin(body)
-        if body.tty:
-            raise ApiError(400, "unsupported", "tty is not supported yet: the guest agent has no PTY")
-        if body.stream_stdin:
-            parts, size = [stdin], len(stdin)
-            while True:
-                msg = await ws.receive()
-                if msg["type"] == "websocket.disconnect":
-                    return
-                if msg.get("bytes") is not None:
-                    size += len(msg["bytes"])
-                    if size > models.MAX_FILE_BYTES:
-                        raise ApiError(413, "too_large", f"stdin exceeds {models.MAX_FILE_BYTES} bytes")
-                    parts.append(msg["bytes"])
-                elif msg.get("text") is not None:
-                    if json.loads(msg["text"]).get("type") == "eof":
-                        break
-                    raise ApiError(400, "invalid", "expected stdin bytes or {'type': 'eof'}")
-            stdin = b"".join(parts)
     except WebSocketDisconnect:
         return
     except ValidationError as e:
@@ -178,44 +181,127 @@ async def exec_ws(ws: WebSocket, id: str) -> None:
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[tuple[int, bytes] | None] = asyncio.Queue(maxsize=64)
     abort = _Abort()
+    interactive = body.stream_stdin or body.tty
+    pipe: asyncio.Future[ExecStdin] = loop.create_future()
 
-    def put(item: tuple[int, bytes] | None) -> None:  # from the exec thread: waits for room
-        if abort.wanted:
-            raise ConnectionAbortedError("the client went away")
-        asyncio.run_coroutine_threadsafe(queue.put(item), loop).result()
+    def put(item: tuple[int, bytes]) -> None:  # from the exec thread: waits for room
+        stream, data = item
+        for i in range(0, len(data), OUTPUT_MESSAGE):  # bounded: 64 messages of OUTPUT_MESSAGE
+            if abort.wanted:
+                raise ConnectionAbortedError("the client went away")
+            asyncio.run_coroutine_threadsafe(queue.put((stream, data[i:i + OUTPUT_MESSAGE])), loop).result()
+
+    def got_stdin(p: ExecStdin) -> None:  # from the exec thread, once the command runs
+        def settle() -> None:
+            if not pipe.done():
+                pipe.set_result(p)
+
+        loop.call_soon_threadsafe(settle)
 
     def work() -> Any:
         try:
             with st.metrics.timed("exec"):
                 return st.mgr.exec(id, body.argv, stdin=stdin, timeout=body.timeout, env=body.env,
                                    cwd=body.cwd, on_start=abort.set,
-                                   on_stdout=lambda b: put((STDOUT, b)), on_stderr=lambda b: put((STDERR, b)))
+                                   on_stdout=lambda b: put((STDOUT, b)), on_stderr=lambda b: put((STDERR, b)),
+                                   on_stdin=got_stdin if interactive else None, tty=body.tty,
+                                   rows=body.rows, cols=body.cols)
         finally:
             with contextlib.suppress(Exception):
                 asyncio.run_coroutine_threadsafe(queue.put(None), loop)
 
     try:
         async with st.auto.activity(st, id), st.exec_slot(id):
-            await _stream(ws, st, work, queue, abort, fail)
+            await _stream(ws, st, work, queue, abort, fail, pipe if interactive else None)
     except VmforkError as e:  # the instance is not there
         await fail(classify(e)[1], str(e))
 
 
+class _ClientError(Exception):
+    """A malformed message of the client during the exec."""
+
+
+async def _feed(ws: WebSocket, st: State, pipe: asyncio.Future[ExecStdin] | None) -> None:
+    """Read the client's messages until it goes away: stdin, eof and resizes (in order)
+    to the command. Returns when the client is gone; raises _ClientError on a bad message."""
+    pending = 0
+    room = asyncio.Event()
+    todo: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+
+    async def writer() -> None:
+        nonlocal pending
+        p = await pipe if pipe is not None else None
+        while True:
+            kind, arg = await todo.get()
+            if p is None:
+                continue
+            with contextlib.suppress(BrokenPipeError, ValueError, VmforkError):  # it exited: dropped
+                if kind == "data":
+                    await blocking(st, p.write, arg)
+                elif kind == "eof":
+                    await blocking(st, p.close)
+            if kind == "data":
+                pending -= len(arg)
+                room.set()
+
+    task = asyncio.ensure_future(writer())
+    try:
+        while True:
+            msg = await ws.receive()
+            if msg["type"] == "websocket.disconnect":
+                return
+            if msg.get("bytes") is not None:
+                if pipe is None:
+                    raise _ClientError("stdin data, but the exec was started without stream_stdin")
+                data = msg["bytes"]
+                while pending > MAX_PENDING_STDIN:  # the command is not reading: neither do we
+                    room.clear()
+                    await room.wait()
+                pending += len(data)
+                todo.put_nowait(("data", data))
+                continue
+            try:
+                ctl = json.loads(msg.get("text") or "")
+                kind = ctl["type"] if isinstance(ctl, dict) else None
+            except (ValueError, KeyError):
+                kind = None
+            if pipe is None or kind not in ("eof", "resize"):
+                raise _ClientError("expected stdin bytes, {'type': 'eof'} or {'type': 'resize', 'rows': R, "
+                                   "'cols': C}" + ("" if pipe is not None else " (with stream_stdin or tty)"))
+            if kind == "eof":
+                todo.put_nowait(("eof", None))
+                continue
+            rows, cols = ctl.get("rows"), ctl.get("cols")
+            if not (isinstance(rows, int) and isinstance(cols, int) and 0 < rows <= 65535 and 0 < cols <= 65535):
+                raise _ClientError("resize needs integer rows and cols, 1 to 65535")
+            if pipe.done():  # not queued behind stdin: a resize is not data
+                await blocking(st, pipe.result().resize, rows, cols)
+            else:
+                def resize(f: asyncio.Future[ExecStdin], r: int = rows, c: int = cols) -> None:
+                    f.result().resize(r, c)
+
+                pipe.add_done_callback(resize)
+    finally:
+        task.cancel()
+
+
 async def _stream(ws: WebSocket, st: State, work: Callable[[], Any], queue: asyncio.Queue[tuple[int, bytes] | None],
-                  abort: _Abort, fail: Callable[[str, str], Any]) -> None:
+                  abort: _Abort, fail: Callable[[str, str], Any], pipe: asyncio.Future[ExecStdin] | None) -> None:
     task = asyncio.ensure_future(blocking(st, work))
+    bad: list[str] = []
 
     async def watch_client() -> None:
         try:
-            while True:
-                msg = await ws.receive()
-                if msg["type"] == "websocket.disconnect":
-                    break
+            await _feed(ws, st, pipe)
+        except _ClientError as e:
+            bad.append(str(e))
         except Exception:
             pass
         abort()
         while not queue.empty():  # unblock a writer waiting for room
             queue.get_nowait()
+        if bad:
+            await fail("invalid", bad[0])
 
     watcher = asyncio.ensure_future(watch_client())
     try:
@@ -228,7 +314,10 @@ async def _stream(ws: WebSocket, st: State, work: Callable[[], Any], queue: asyn
             r = await task
         except VmforkError as e:
             _, code = classify(e)
-            await fail(code, str(e))
+            if not bad:
+                await fail(code, str(e))
+            return
+        if bad:
             return
         await ws.send_text(json.dumps({"type": "exit", "exit_code": r.exit_code, "timed_out": r.timed_out,
                                        "signal": r.signal}))
@@ -236,13 +325,16 @@ async def _stream(ws: WebSocket, st: State, work: Callable[[], Any], queue: asyn
     except (WebSocketDisconnect, RuntimeError, ConnectionError):
         abort()
     finally:
-        watcher.cancel()
         if not task.done():
             abort()
             while not queue.empty():
                 queue.get_nowait()
             with contextlib.suppress(BaseException):
                 await task
+        if bad:
+            with contextlib.suppress(BaseException):
+                await watcher
+        watcher.cancel()
 
 
 # --- files --------------------------------------------------------------------------------

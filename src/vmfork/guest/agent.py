@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import secrets
+import select
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -72,6 +74,71 @@ class _Capped:
         return b"".join(self.parts)
 
 
+class ExecStdin:
+    """The open stdin (and terminal) of an interactive exec (:meth:`AgentClient.start_exec`
+    with ``interactive``). Every method may be called from any thread while another one
+    relays the output (:meth:`AgentClient.wait_exec`): :meth:`write` blocks while
+    ``proto.STDIN_WINDOW`` bytes are not acknowledged by the guest yet (the command is not
+    reading), so nothing on the way buffers more than that."""
+
+    def __init__(self, client: AgentClient, req_id: int, *, tty: bool) -> None:
+        self._client, self.req_id, self.tty = client, req_id, tty
+        self._cond = threading.Condition()
+        self._inflight = 0
+        self._eof = False
+        self.ended = False  # the command exited (or its connection is gone)
+
+    def write(self, data: bytes, timeout: float | None = None) -> None:
+        """Send ``data`` to the command's stdin. Raises BrokenPipeError once the command has
+        exited, AgentTimeout if the window stays full for ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        view = memoryview(data)
+        for off in range(0, len(view), proto.STDIN_CHUNK):
+            chunk = view[off : off + proto.STDIN_CHUNK]
+            with self._cond:
+                while not self.ended and self._inflight + len(chunk) > proto.STDIN_WINDOW:
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        raise AgentTimeout("the command does not read its stdin")
+                    self._cond.wait(left)
+                if self.ended:
+                    raise BrokenPipeError("the command has exited")
+                if self._eof:
+                    raise ValueError("stdin is closed already")
+                self._inflight += len(chunk)
+            self._client._send_raw(proto.STDIN, proto.encode_target(self.req_id) + bytes(chunk))
+
+    def close(self) -> None:
+        """End of stdin (on a tty: the VEOF character, ^D). Idempotent."""
+        with self._cond:
+            if self._eof or self.ended:
+                self._eof = True
+                return
+            self._eof = True
+        with contextlib.suppress(AgentError):
+            self._client._send_raw(proto.STDIN_EOF, proto.encode_target(self.req_id))
+
+    def resize(self, rows: int, cols: int) -> None:
+        """Set the terminal's size (the command gets SIGWINCH); ignored without a tty."""
+        try:
+            payload = proto.encode_resize(self.req_id, rows, cols)
+        except proto.ProtocolError as exc:
+            raise AgentError(str(exc)) from None
+        if self.tty and not self.ended:
+            with contextlib.suppress(AgentError):
+                self._client._send_raw(proto.RESIZE, payload)
+
+    def _acked(self, n: int) -> None:
+        with self._cond:
+            self._inflight = max(0, self._inflight - n)  # a guest acking more gains nothing
+            self._cond.notify_all()
+
+    def _end(self) -> None:
+        with self._cond:
+            self.ended = True
+            self._cond.notify_all()
+
+
 def _transient(exc: OSError) -> bool:
     """Errors that go away once the VMM has created its socket or the agent listens."""
     return exc.errno in (errno.ENOENT, errno.ECONNREFUSED, errno.ECONNRESET, errno.EAGAIN, errno.EPIPE)
@@ -96,6 +163,8 @@ class AgentClient:
         self._reader = proto.FrameReader()
         self._reader.feed(initial)
         self._closed = False
+        self._send_lock = threading.Lock()
+        self._stdins: dict[int, ExecStdin] = {}
 
     # ----------------------------------------------------------------- connect
     @classmethod
@@ -207,6 +276,9 @@ class AgentClient:
             raise AgentError(f"agent connection {self.where} is closed")
         req_id = secrets.randbits(32)
         data = proto.encode_frame(type_, req_id, payload)
+        # another thread may be writing an interactive exec's stdin (_send_raw)
+        if not self._send_lock.acquire(timeout=-1 if timeout is None else timeout):
+            raise AgentTimeout(f"sending to the agent at {self.where} timed out (busy)")
         try:
             self._sock.settimeout(timeout)
             self._sock.sendall(data)
@@ -216,7 +288,31 @@ class AgentClient:
         except OSError as exc:
             self.close()
             raise AgentError(f"agent connection {self.where} lost: {_describe(exc)}") from exc
+        finally:
+            self._send_lock.release()
         return req_id
+
+    def _send_raw(self, type_: bytes, payload: bytes, req_id: int | None = None) -> None:
+        """Send one frame from any thread, while another may be reading (and changing the
+        socket's timeout): ``send`` is retried until all is written, it never fails halfway."""
+        data = memoryview(proto.encode_frame(type_, secrets.randbits(32) if req_id is None else req_id,
+                                             payload))
+        with self._send_lock:
+            off = 0
+            while off < len(data):
+                if self._closed:
+                    raise AgentError(f"agent connection {self.where} is closed")
+                try:
+                    off += self._sock.send(data[off:])
+                except (TimeoutError, BlockingIOError, InterruptedError):
+                    with contextlib.suppress(OSError, ValueError):
+                        select.select((), (self._sock,), (), 1.0)
+                except OSError as exc:
+                    raise AgentError(f"agent connection {self.where} lost: {_describe(exc)}") from exc
+
+    def stdin_of(self, req_id: int) -> ExecStdin:
+        """The stdin of interactive exec ``req_id`` (started on this connection)."""
+        return self._stdins[req_id]
 
     def _recv(self, req_id: int, deadline: float | None, what: str) -> proto.Frame:
         """Next frame with ``req_id`` (other frames are discarded)."""
@@ -253,7 +349,7 @@ class AgentClient:
         req_id = self._send(type_, payload, timeout=timeout)
         frame = self._recv(req_id, deadline, what)
         if frame.type == proto.ERROR:
-            raise AgentError(f"guest agent: {frame.payload.decode(errors='replace')}")
+            raise AgentError(f"guest agent: {_reason(frame.payload, 'error without a message')}")
         if frame.type != expect:
             raise AgentError(f"guest agent: unexpected {frame.type!r} reply to {what}")
         return frame.payload
@@ -309,13 +405,26 @@ class AgentClient:
         env: dict[str, str] | None = None,
         cwd: str | None = None,
         timeout: float | None = None,
+        interactive: bool = False,
+        tty: bool = False,
+        rows: int = 0,
+        cols: int = 0,
     ) -> int:
-        """Send an exec request; returns its req_id for :meth:`wait_exec`."""
+        """Send an exec request; returns its req_id for :meth:`wait_exec`.
+
+        ``interactive`` keeps the command's stdin open after ``stdin``: feed it through
+        :meth:`stdin_of` (write, close, resize) while :meth:`wait_exec` relays the output.
+        ``tty`` (interactive only) runs it on a PTY of ``rows`` x ``cols`` (0: 24x80),
+        whose output (stdout and stderr) comes as stdout."""
         if timeout is not None and timeout <= 0:
             raise AgentError(f"exec timeout must be positive, got {timeout}")
+        if tty and not interactive:
+            raise AgentError("a tty exec must be interactive")
         timeout_ms = 0 if timeout is None else max(1, round(timeout * 1000))
         try:
             payload = proto.encode_exec(argv, stdin=stdin, env=env, cwd=cwd, timeout_ms=timeout_ms)
+            if interactive:
+                payload += proto.encode_exec_options(tty=tty, rows=rows, cols=cols)
             if len(payload) > proto.MAX_PAYLOAD:
                 raise proto.ProtocolError(
                     f"exec request of {len(payload)} bytes (stdin included) exceeds "
@@ -323,7 +432,16 @@ class AgentClient:
                 )
         except proto.ProtocolError as exc:
             raise AgentError(str(exc)) from exc
-        return self._send(proto.EXEC, payload, timeout=None if timeout is None else timeout + 30)
+        if not interactive:
+            return self._send(proto.EXEC, payload, timeout=None if timeout is None else timeout + 30)
+        req_id = secrets.randbits(32)
+        self._stdins[req_id] = ExecStdin(self, req_id, tty=tty)  # before any ack can arrive
+        try:
+            self._send_raw(proto.EXEC_INTERACTIVE, payload, req_id)
+        except BaseException:
+            self._stdins.pop(req_id)._end()
+            raise
+        return req_id
 
     def wait_exec(
         self,
@@ -340,10 +458,14 @@ class AgentClient:
         deadline = None if timeout is None else time.monotonic() + timeout + EXEC_TIMEOUT_MARGIN_S
         out, err = _Capped(max_output), _Capped(max_output)
         what = f"exec {argv[0]!r}"
+        stdin = self._stdins.get(req_id)
         try:
             while True:
                 frame = self._recv(req_id, deadline, what)
-                if frame.type == proto.STDOUT:
+                if frame.type == proto.STDIN_ACK and stdin is not None:
+                    with contextlib.suppress(proto.ProtocolError):
+                        stdin._acked(proto.decode_ack(frame.payload))
+                elif frame.type == proto.STDOUT:
                     (on_stdout or out)(frame.payload)
                 elif frame.type == proto.STDERR:
                     (on_stderr or err)(frame.payload)
@@ -362,12 +484,16 @@ class AgentClient:
                         stderr_dropped=err.dropped,
                     )
                 elif frame.type == proto.ERROR:
-                    raise AgentError(f"guest agent: {frame.payload.decode(errors='replace')}")
+                    raise AgentError(f"guest agent: {_reason(frame.payload, 'error without a message')}")
                 else:
                     raise AgentError(f"guest agent: unexpected {frame.type!r} frame during {what}")
         except BaseException:
             self.kill(req_id)
             raise
+        finally:
+            if stdin is not None:
+                self._stdins.pop(req_id, None)
+                stdin._end()
 
     def kill(self, req_id: int) -> None:
         """Best effort: SIGKILL the process group of running exec ``req_id`` (no reply)."""
@@ -408,10 +534,11 @@ class AgentClient:
             self.close()
 
 
-def _reason(payload: bytes) -> str:
-    text = payload.decode(errors="replace")
+def _reason(payload: bytes, default: str = "the exec was aborted") -> str:
+    """Text from the guest (or the mux), bounded and made printable."""
+    text = payload[: _MAX_REASON * 4].decode(errors="replace")
     text = "".join(c if c.isprintable() else " " for c in text)
-    return text[:_MAX_REASON] or "the exec was aborted"
+    return text[:_MAX_REASON] or default
 
 
 def wait_ready(

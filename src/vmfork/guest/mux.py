@@ -11,6 +11,10 @@ commands share the one connection:
   greeting was never seen by the mux (it was exiting), so the client may start another;
 - a client that goes away (killed, interrupted) has its running commands killed in the
   guest (``KILL``);
+- ``KILL``, ``STDIN``, ``STDIN_EOF`` and ``RESIZE`` from a client name one of its own
+  execs: the mux rewrites the target to the upstream id (others' execs are unreachable);
+  ``STDIN`` flow control is end to end (the guest's ``STDIN_ACK`` is routed back like
+  output), so the mux buffers at most ``UP_HIGH`` before it stops reading clients;
 - a client that reads slowly has its commands' output held in the guest (``HOLD``, then
   ``GO``), so the mux buffers about ``CLIENT_HIGH`` per client and no client stalls the
   others;
@@ -47,6 +51,8 @@ UP_HIGH = 4 << 20  # unsent requests to the agent above this: stop reading clien
 FLUSH_AT_EXIT_S = 2.0
 _RECV = 1 << 16
 _WAIT = struct.Struct(">I")
+# client frames that name one of the client's own execs first in their payload
+_TARGETED = frozenset({proto.KILL, proto.STDIN, proto.STDIN_EOF, proto.RESIZE})
 
 STOPPED_REASON = "the exec mux was stopped"
 LOST_REASON = "the guest agent connection was closed (did the VMM exit?)"
@@ -177,13 +183,14 @@ class Mux:
             return
         if self.shutting:
             return
-        if f.type == proto.KILL:  # a client may kill its own command
+        if f.type in _TARGETED:  # a client acts on its own commands only
             try:
-                up = c.routes.get(proto.decode_target(f.payload))
+                up = c.routes.get(proto.payload_target(f.payload))
+                payload = proto.retarget(f.payload, up) if up is not None else b""
             except proto.ProtocolError:
                 up = None
             if up is not None:
-                self._to_agent_target(proto.KILL, up)
+                self._to_agent(f.type, self._new_id(), payload)
             return
         if f.type in (proto.HOLD, proto.GO, proto.MUX_HELLO, proto.SHUTDOWN_DONE, proto.ABORTED):
             self._to_client(c, proto.ERROR, f.req_id,
@@ -193,10 +200,11 @@ class Mux:
             self._to_client(c, proto.ERROR, f.req_id, b"request id already in use on this connection")
             return
         up = self._new_id()
-        self.routes[up] = Route(c, f.req_id, f.type == proto.EXEC)
+        is_exec = f.type in (proto.EXEC, proto.EXEC_INTERACTIVE)
+        self.routes[up] = Route(c, f.req_id, is_exec)
         c.routes[f.req_id] = up
         self._to_agent(f.type, up, f.payload)
-        if c.held and f.type == proto.EXEC:
+        if c.held and is_exec:
             self._to_agent_target(proto.HOLD, up)
 
     def _drop_client(self, c: Client, *, kill: bool = True) -> None:

@@ -5,7 +5,11 @@ All integers inside payloads are big-endian. See ``images/guest/agent.c`` for th
 guest side.
 
 ``KILL``, ``HOLD`` and ``GO`` name their target exec's req_id in a 4-byte payload
-(:func:`encode_target`) and get no reply. The exec mux (``guest/mux.py``) speaks this
+(:func:`encode_target`) and get no reply. So do the frames of an interactive exec
+(``EXEC_INTERACTIVE``: the exec payload plus :func:`encode_exec_options`): ``STDIN`` (the
+target, then data), ``STDIN_EOF`` (the target) and ``RESIZE`` (the target, u16 rows, u16
+cols); the guest acknowledges written stdin with ``STDIN_ACK`` (u32 bytes) on the exec's
+own req_id, and the host keeps at most ``STDIN_WINDOW`` bytes unacknowledged. The exec mux (``guest/mux.py``) speaks this
 same protocol to host clients, plus three frame types of its own that never reach the
 guest: ``MUX_HELLO`` (mux -> client on accept), ``SHUTDOWN`` (client -> mux: end every
 exec with the payload as reason, answered by ``SHUTDOWN_DONE``) and ``ABORTED`` (mux ->
@@ -33,6 +37,10 @@ POWEROFF = b"Q"
 KILL = b"K"  # SIGKILL the target exec's process group (its EXIT follows)
 HOLD = b"W"  # stop reading the target exec's output (flow control)
 GO = b"G"  # read it again
+EXEC_INTERACTIVE = b"U"  # an exec whose stdin stays open (optionally on a PTY)
+STDIN = b"I"  # more stdin for the target exec
+STDIN_EOF = b"D"  # end of the target exec's stdin
+RESIZE = b"Y"  # the target exec's PTY window size
 # guest -> host
 PONG = b"p"
 STDOUT = b"O"
@@ -43,6 +51,7 @@ SYNCED = b"s"
 HOSTNAME_SET = b"h"
 POWERING_OFF = b"q"
 ERROR = b"Z"
+STDIN_ACK = b"i"  # u32: this many bytes of STDIN data were written (or dropped)
 # exec mux <-> host clients only
 MUX_HELLO = b"M"
 SHUTDOWN = b"C"
@@ -54,6 +63,11 @@ FINAL = frozenset({PONG, EXIT, TIME_SET, SYNCED, HOSTNAME_SET, POWERING_OFF, ERR
 _U32 = struct.Struct(">I")
 _EXIT = struct.Struct(">iBBi")
 _TIME = struct.Struct(">qI")
+_OPTIONS = struct.Struct(">IHH")
+_TARGET_SIZE = struct.Struct(">IHH")
+STDIN_WINDOW = 256 << 10  # unacknowledged stdin bytes the host may have in flight (agent: <= 1 MiB)
+STDIN_CHUNK = 64 << 10  # stdin data per STDIN frame
+TTY = 1  # flag of encode_exec_options
 
 
 class ProtocolError(ValueError):
@@ -156,6 +170,57 @@ def decode_exec(payload: bytes) -> tuple[int, list[str], dict[str, str], str, by
     if off != len(payload):
         raise ProtocolError("trailing bytes after exec payload")
     return timeout_ms, argv, env, cwd, stdin
+
+
+def encode_exec_options(*, tty: bool = False, rows: int = 0, cols: int = 0) -> bytes:
+    """Trailer of an ``EXEC_INTERACTIVE`` payload (after :func:`encode_exec`'s)."""
+    _check_size(rows, cols)
+    return _OPTIONS.pack(TTY if tty else 0, rows, cols)
+
+
+def decode_exec_options(payload: bytes) -> tuple[bytes, bool, int, int]:
+    """(exec payload, tty, rows, cols) of an ``EXEC_INTERACTIVE`` payload."""
+    if len(payload) < _OPTIONS.size:
+        raise ProtocolError("truncated interactive exec payload")
+    flags, rows, cols = _OPTIONS.unpack_from(payload, len(payload) - _OPTIONS.size)
+    return payload[: -_OPTIONS.size], bool(flags & TTY), int(rows), int(cols)
+
+
+def _check_size(rows: int, cols: int) -> None:
+    if not (0 <= rows <= 0xFFFF and 0 <= cols <= 0xFFFF):
+        raise ProtocolError(f"terminal size {rows}x{cols} out of range (0..65535)")
+
+
+def encode_resize(target: int, rows: int, cols: int) -> bytes:
+    _check_size(rows, cols)
+    return _TARGET_SIZE.pack(target, rows, cols)
+
+
+def decode_resize(payload: bytes) -> tuple[int, int, int]:
+    if len(payload) != _TARGET_SIZE.size:
+        raise ProtocolError(f"resize payload must be {_TARGET_SIZE.size} bytes, got {len(payload)}")
+    t, r, c = _TARGET_SIZE.unpack(payload)
+    return int(t), int(r), int(c)
+
+
+def retarget(payload: bytes, target: int) -> bytes:
+    """The same target-first payload (KILL, STDIN, RESIZE...) naming ``target`` instead."""
+    if len(payload) < _U32.size:
+        raise ProtocolError("payload too short to name a target")
+    return _U32.pack(target) + payload[_U32.size :]
+
+
+def payload_target(payload: bytes) -> int:
+    """The req_id a target-first payload names."""
+    if len(payload) < _U32.size:
+        raise ProtocolError("payload too short to name a target")
+    return int(_U32.unpack_from(payload)[0])
+
+
+def decode_ack(payload: bytes) -> int:
+    if len(payload) != _U32.size:
+        raise ProtocolError(f"stdin ack payload must be {_U32.size} bytes, got {len(payload)}")
+    return int(_U32.unpack(payload)[0])
 
 
 def encode_target(req_id: int) -> bytes:

@@ -41,7 +41,7 @@ from vmfork.errors import (
 from vmfork.forkvm import CopyStats, clone_file, clone_tree
 from vmfork.forkvm.copier import fsync_tree
 from vmfork.fs import set_cow_extent_size_hint
-from vmfork.guest.agent import MAX_BUFFERED_OUTPUT, ExecResult, wait_ready
+from vmfork.guest.agent import MAX_BUFFERED_OUTPUT, ExecResult, ExecStdin, wait_ready
 from vmfork.hypervisor import get_hypervisor, resolve_accel
 from vmfork.hypervisor.base import Hypervisor, VMConfig, tail, vmm_record
 from vmfork.hypervisor.shared_ram import TEMPLATES, ensure_template
@@ -671,12 +671,19 @@ class Manager:
              on_stdout: Callable[[bytes], None] | None = None,
              on_stderr: Callable[[bytes], None] | None = None,
              max_output: int = MAX_BUFFERED_OUTPUT, in_image: bool = True,
-             on_start: Callable[[Callable[[], None]], None] | None = None) -> ExecResult:
+             on_start: Callable[[Callable[[], None]], None] | None = None,
+             on_stdin: Callable[[ExecStdin], None] | None = None, tty: bool = False,
+             rows: int = 0, cols: int = 0) -> ExecResult:
         """Run a command in the guest. The instance lock is held only to start it (through
         the instance's exec mux, so execs run concurrently); standby, stop and rm end it
         with ExecAborted. Output without a callback is kept up to ``max_output`` bytes
         per stream (``ExecResult.stdout_dropped`` counts the rest). ``on_start`` gets, once
-        the command runs, a function that aborts it from any thread (the mux kills it)."""
+        the command runs, a function that aborts it from any thread (the mux kills it).
+
+        With ``on_stdin`` the command's stdin stays open after ``stdin``: ``on_stdin`` gets,
+        once it runs, its :class:`ExecStdin` (write, close, resize; usable from any thread
+        while this call relays the output). ``tty`` (with ``on_stdin``) runs it on a PTY of
+        ``rows`` x ``cols``; its stdout and stderr then both come to ``on_stdout``."""
         if not argv:
             raise InvalidArgument("no command given: use 'vmfork exec NAME -- CMD [ARGS...]'")
         with self._locked(ref) as inst:
@@ -695,11 +702,16 @@ class Manager:
                 argv, env, cwd = image_main.exec_argv(inst.oci["main"], argv, env, cwd), None, None
             from vmfork.guest import muxctl
 
+            if tty and on_stdin is None:
+                raise InvalidArgument("a tty exec needs its stdin open (on_stdin)")
             conn = muxctl.connect(inst.g, st.proc, lambda: hv.agent(inst.g, 5.0))
             try:
-                req_id = conn.start_exec(argv, stdin=stdin, timeout=timeout, env=env, cwd=cwd)
+                req_id = conn.start_exec(argv, stdin=stdin, timeout=timeout, env=env, cwd=cwd,
+                                         interactive=on_stdin is not None, tty=tty, rows=rows, cols=cols)
                 if on_start is not None:
                     on_start(conn.abort)
+                if on_stdin is not None:
+                    on_stdin(conn.stdin_of(req_id))
             except BaseException:
                 conn.close()
                 raise
@@ -714,6 +726,10 @@ class Manager:
                                           "it is stopped and its RAM is lost") from None
                 if isinstance(e, ExecAborted):
                     raise ExecAborted(f"'{inst.name}': {argv[0]!r} did not finish: {e}") from None
+                if on_stdin is not None and "unknown request type 'U'" in str(e):
+                    raise AgentError(f"the guest agent of '{inst.name}' predates interactive exec "
+                                     "(streamed stdin, tty): recreate the instance from a current "
+                                     "image ('vmfork image build')") from None
                 raise
 
     # --- standby / restore ----------------------------------------------------------------

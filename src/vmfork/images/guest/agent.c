@@ -13,6 +13,19 @@
  *                   | u32 stdin_len, stdin
  *                   replies: any number of 'O' (stdout) / 'R' (stderr) chunks,
  *                   then one 'X': i32 exit_code | u8 timed_out | u8 signaled | i32 signal
+ *   U exec, interactive   the 'E' payload, then u32 flags (bit 0: tty) | u16 rows | u16 cols.
+ *                   The command's stdin stays open: 'I' frames feed it, 'D' ends it.
+ *                   With tty the command runs on a new PTY (its session's controlling
+ *                   terminal, rows x cols, TERM=xterm unless env says otherwise): its
+ *                   stdout and stderr both arrive as 'O', there is no 'R'.
+ *                   Every byte of 'I' data written to the command is acknowledged:
+ *                   'i' u32 count, with the exec's req_id (the host keeps at most
+ *                   STDIN_MAX bytes unacknowledged; more is dropped).
+ *   I stdin         u32 target req_id | bytes: more stdin for an interactive exec.
+ *   D stdin EOF     u32 target req_id: close its stdin once what is queued is written
+ *                   (on a tty: write the VEOF character, ^D, instead).
+ *   Y resize        u32 target req_id | u16 rows | u16 cols: TIOCSWINSZ on its PTY
+ *                   (the kernel sends SIGWINCH to the foreground process group).
  *   T set clock     i64 seconds | u32 nanoseconds -> 't'
  *   S sync          -> 's'
  *   H set hostname  the name's bytes (1..64, no NUL) -> 'h'  (sethostname(2), no process)
@@ -27,7 +40,7 @@
  *   G go on         u32 target req_id: read that command's output again (undoes W).
  *   anything else / malformed -> 'Z' with a UTF-8 message; the connection goes on.
  *
- * K, W and G name their target in the payload, not in the frame's own req_id, so
+ * K, W, G, I, D and Y name their target in the payload, not in the frame's own req_id, so
  * that an older agent's 'Z' ("unknown request type") never reaches the target's
  * requester.
  *
@@ -51,12 +64,14 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/reboot.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <sys/un.h>
 #include <sys/wait.h>
+#include <termios.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -82,6 +97,8 @@ extern char **environ;
 #define CHUNK 65536
 #define OUT_HIGH_WATER (1u << 20)
 #define MAX_JOBS 32
+#define STDIN_MAX (1u << 20) /* queued stdin of an interactive exec (the host sends <= 256 KiB) */
+#define TTY_GRACE_MS 200     /* a tty command exited: wait this long for its PTY's last output */
 #define MAX_SINKS 128
 #define HUP_RETRY_MS 50        /* host gone: look at the port again after this... */
 #define HUP_RETRY_ASYNC_MS 250 /* ...or this, when SIGIO tells us about reconnects */
@@ -97,9 +114,13 @@ struct job {
     pid_t pid;
     uint32_t req_id;
     unsigned gen;
-    int in_fd, out_fd, err_fd;
-    unsigned char *stdin_data;
-    size_t stdin_len, stdin_off;
+    int in_fd, out_fd, err_fd; /* tty: out_fd is the PTY master, in_fd a dup of it */
+    struct buf inq;            /* stdin not written yet */
+    size_t noack;              /* of which this many came with the request (not acknowledged) */
+    int interactive;           /* 'U': stdin stays open until 'D' */
+    int eof;                   /* no more stdin: close it once inq is written */
+    int tty;
+    int64_t reaped_at;         /* tty: when the command was reaped (monotonic ms) */
     int64_t deadline; /* monotonic ms, 0 = none */
     int timed_out;
     int reaped;
@@ -383,7 +404,7 @@ static void finish_job(struct job *j) {
     add_sink(j->out_fd);
     add_sink(j->err_fd);
     close_fd(&j->in_fd);
-    free(j->stdin_data);
+    free(j->inq.p);
     memset(j, 0, sizeof *j);
     j->in_fd = j->out_fd = j->err_fd = -1;
 }
@@ -397,6 +418,7 @@ static void reap_children(void) {
         for (int i = 0; i < MAX_JOBS; i++) {
             if (jobs[i].used && jobs[i].pid == pid) {
                 jobs[i].reaped = 1;
+                jobs[i].reaped_at = now_ms();
                 jobs[i].status = status;
             }
         }
@@ -466,10 +488,21 @@ static const char *default_env[] = {
 };
 #define N_DEFAULT_ENV (sizeof default_env / sizeof default_env[0])
 
-static void child_exec(char **argv, char **envp, const char *cwd, int in_r, int out_w, int err_w) {
+static void child_exec(char **argv, char **envp, const char *cwd, int in_r, int out_w, int err_w,
+                       const char *pts) {
     setsid();
+    if (pts) {
+        /* a session leader without a terminal: opening the PTY makes it the controlling one */
+        int t = open(pts, O_RDWR);
+        if (t < 0)
+            _exit(127);
+        ioctl(t, TIOCSCTTY, 0);
+        in_r = out_w = err_w = t;
+    }
     if (dup2(in_r, 0) < 0 || dup2(out_w, 1) < 0 || dup2(err_w, 2) < 0)
         _exit(127);
+    if (pts && in_r > 2)
+        close(in_r);
     /* every other descriptor of the agent is O_CLOEXEC */
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
@@ -496,8 +529,22 @@ static void child_exec(char **argv, char **envp, const char *cwd, int in_r, int 
     _exit(127);
 }
 
-static void start_exec(uint32_t req_id, const unsigned char *p, size_t len) {
+static void start_exec(uint32_t req_id, const unsigned char *p, size_t len, int interactive) {
+    uint32_t flags = 0;
+    unsigned rows = 0, cols = 0;
+    if (interactive) {
+        if (len < 8) {
+            send_error(req_id, "exec: malformed payload (interactive options)");
+            return;
+        }
+        len -= 8;
+        flags = get_u32(p + len);
+        rows = ((unsigned)p[len + 4] << 8) | p[len + 5];
+        cols = ((unsigned)p[len + 6] << 8) | p[len + 7];
+    }
+    int tty = (flags & 1) != 0;
     struct reader r = {p, len, 0, 0};
+    int master = -1;
     char **argv = NULL, **envp = NULL, *cwd = NULL;
     size_t argc = 0, nenv = 0;
     struct job *j = NULL;
@@ -520,13 +567,19 @@ static void start_exec(uint32_t req_id, const unsigned char *p, size_t len) {
     uint32_t n_env = rd_u32(&r);
     if (r.bad || n_env > (len - r.off) / 4)
         goto bad;
-    envp = calloc(N_DEFAULT_ENV + n_env + 1, sizeof(char *));
+    envp = calloc(N_DEFAULT_ENV + 1 + n_env + 1, sizeof(char *));
     if (!envp)
         goto nomem;
     for (; nenv < N_DEFAULT_ENV; nenv++) {
         envp[nenv] = strdup(default_env[nenv]);
         if (!envp[nenv])
             goto nomem;
+    }
+    if (tty) {
+        envp[nenv] = strdup("TERM=xterm");
+        if (!envp[nenv])
+            goto nomem;
+        nenv++;
     }
     for (uint32_t i = 0; i < n_env; i++) {
         char *kv = rd_str(&r, "an environment entry", req_id);
@@ -568,28 +621,44 @@ static void start_exec(uint32_t req_id, const unsigned char *p, size_t len) {
         send_error(req_id, "exec: too many commands running (%d)", MAX_JOBS);
         goto out;
     }
-    if (pipe2(pin, O_CLOEXEC) < 0 || pipe2(pout, O_CLOEXEC) < 0 || pipe2(perr, O_CLOEXEC) < 0) {
+    const char *pts = NULL;
+    if (tty) {
+        struct winsize wsz = {(unsigned short)(rows ? rows : 24), (unsigned short)(cols ? cols : 80), 0, 0};
+        master = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC);
+        if (master < 0 || grantpt(master) < 0 || unlockpt(master) < 0 || !(pts = ptsname(master)) ||
+            ioctl(master, TIOCSWINSZ, &wsz) < 0) {
+            send_error(req_id, "exec: cannot open a pseudo-terminal: %s", strerror(errno));
+            goto out;
+        }
+        pin[1] = fcntl(master, F_DUPFD_CLOEXEC, 3);
+        if (pin[1] < 0) {
+            send_error(req_id, "exec: dup: %s", strerror(errno));
+            goto out;
+        }
+        pout[0] = master;
+        master = -1;
+    } else if (pipe2(pin, O_CLOEXEC) < 0 || pipe2(pout, O_CLOEXEC) < 0 || pipe2(perr, O_CLOEXEC) < 0) {
         send_error(req_id, "exec: pipe: %s", strerror(errno));
         goto out;
     }
-    unsigned char *data = NULL;
+    struct buf q = {NULL, 0, 0};
     if (in_len) {
-        data = malloc(in_len);
-        if (!data)
+        if (buf_reserve(&q, in_len) < 0)
             goto nomem;
-        memcpy(data, r.p + r.off, in_len);
+        memcpy(q.p, r.p + r.off, in_len);
+        q.len = in_len;
     }
     pid_t pid = fork();
     if (pid < 0) {
         send_error(req_id, "exec: fork: %s", strerror(errno));
-        free(data);
+        free(q.p);
         goto out;
     }
     if (pid == 0)
-        child_exec(argv, envp, cwd[0] ? cwd : "/root", pin[0], pout[1], perr[1]);
-    close(pin[0]);
-    close(pout[1]);
-    close(perr[1]);
+        child_exec(argv, envp, cwd[0] ? cwd : "/root", pin[0], pout[1], perr[1], pts);
+    close_fd(&pin[0]);
+    close_fd(&pout[1]);
+    close_fd(&perr[1]);
     memset(j, 0, sizeof *j);
     j->used = 1;
     j->pid = pid;
@@ -600,10 +669,14 @@ static void start_exec(uint32_t req_id, const unsigned char *p, size_t len) {
     j->err_fd = perr[0];
     set_nonblock(j->in_fd);
     set_nonblock(j->out_fd);
-    set_nonblock(j->err_fd);
-    j->stdin_data = data;
-    j->stdin_len = in_len;
-    if (!in_len)
+    if (j->err_fd >= 0)
+        set_nonblock(j->err_fd);
+    j->inq = q;
+    j->noack = in_len;
+    j->interactive = interactive;
+    j->tty = tty;
+    j->eof = !interactive;
+    if (!in_len && j->eof)
         close_fd(&j->in_fd);
     j->deadline = timeout_ms ? now_ms() + timeout_ms : 0;
     pin[0] = pin[1] = pout[0] = pout[1] = perr[0] = perr[1] = -1;
@@ -616,6 +689,7 @@ bad:
     if (r.bad != 2)
         send_error(req_id, "exec: malformed payload");
 out:
+    close_fd(&master);
     for (int i = 0; i < 2; i++) {
         close_fd(&pin[i]);
         close_fd(&pout[i]);
@@ -626,22 +700,79 @@ out:
     free(cwd);
 }
 
+/* Tell the host that n more bytes of its 'I' data are done with (written or dropped). */
+static void ack_stdin(struct job *j, size_t n) {
+    size_t skip = n < j->noack ? n : j->noack;
+    j->noack -= skip;
+    n -= skip;
+    if (n && j->interactive && j->gen == gen) {
+        unsigned char a[4];
+        put_u32(a, (uint32_t)n);
+        send_frame('i', j->req_id, a, sizeof a);
+    }
+}
+
+/* Does the job's stdin want POLLOUT now? */
+static int stdin_pending(const struct job *j) { return j->in_fd >= 0 && (j->inq.len || j->eof); }
+
 static void feed_stdin(struct job *j) {
-    while (j->stdin_off < j->stdin_len) {
-        ssize_t n = write(j->in_fd, j->stdin_data + j->stdin_off, j->stdin_len - j->stdin_off);
+    size_t done = 0;
+    while (done < j->inq.len) {
+        ssize_t n = write(j->in_fd, j->inq.p + done, j->inq.len - done);
         if (n > 0) {
-            j->stdin_off += (size_t)n;
+            done += (size_t)n;
             continue;
         }
         if (n < 0 && errno == EINTR)
             continue;
         if (n < 0 && errno == EAGAIN)
-            return;
-        break; /* EPIPE: the command does not read its stdin */
+            break;
+        /* EPIPE: the command does not read its stdin; what it would have got is dropped */
+        done = j->inq.len;
+        close_fd(&j->in_fd);
+        break;
     }
-    close_fd(&j->in_fd);
-    free(j->stdin_data);
-    j->stdin_data = NULL;
+    if (done) {
+        buf_consume(&j->inq, done);
+        ack_stdin(j, done);
+    }
+    if (j->in_fd >= 0 && !j->inq.len && j->eof) {
+        if (j->tty) {
+            /* a PTY has no end of file: the line discipline's VEOF (^D) is one */
+            struct termios t;
+            unsigned char c = 4;
+            if (tcgetattr(j->in_fd, &t) == 0 && t.c_cc[VEOF])
+                c = t.c_cc[VEOF];
+            ssize_t n = write(j->in_fd, &c, 1);
+            if (n < 0 && (errno == EAGAIN || errno == EINTR))
+                return;
+            j->eof = 0; /* sent: the descriptor stays (it is the PTY's, for resizes) */
+        } else {
+            close_fd(&j->in_fd);
+        }
+    }
+}
+
+/* 'I' data for job j (or its EOF with data NULL). */
+static void queue_stdin(struct job *j, const unsigned char *data, size_t len) {
+    if (!data) {
+        if (j->interactive)
+            j->eof = 1;
+        return;
+    }
+    if (j->in_fd < 0 || j->eof || j->inq.len + len > STDIN_MAX) {
+        if (j->in_fd >= 0 && !j->eof)
+            logmsg("stdin of a command over %u bytes queued: %zu bytes dropped", STDIN_MAX, len);
+        ack_stdin(j, len); /* dropped: the host must not wait for room */
+        return;
+    }
+    if (buf_reserve(&j->inq, len) < 0) {
+        logmsg("out of memory for %zu bytes of stdin; dropped", len);
+        ack_stdin(j, len);
+        return;
+    }
+    memcpy(j->inq.p + j->inq.len, data, len);
+    j->inq.len += len;
 }
 
 /* -------------------------------------------------------------- requests */
@@ -674,8 +805,33 @@ static void dispatch(unsigned char type, uint32_t req_id, const unsigned char *p
         send_frame('p', req_id, p, len);
         break;
     case 'E':
-        start_exec(req_id, p, len);
+    case 'U':
+        start_exec(req_id, p, len, type == 'U');
         break;
+    case 'I':
+    case 'D':
+    case 'Y': {
+        size_t want = type == 'I' ? 4 : type == 'D' ? 4 : 8;
+        if (type == 'I' ? len < want : len != want) {
+            send_error(req_id, "'%c': malformed payload (%zu bytes)", type, len);
+            break;
+        }
+        struct job *j = find_job(get_u32(p));
+        if (!j)
+            break; /* finished already: a normal race */
+        if (type == 'I') {
+            queue_stdin(j, p + 4, len - 4);
+        } else if (type == 'D') {
+            queue_stdin(j, NULL, 0);
+        } else if (j->tty) {
+            struct winsize wsz = {(unsigned short)(((unsigned)p[4] << 8) | p[5]),
+                                  (unsigned short)(((unsigned)p[6] << 8) | p[7]), 0, 0};
+            int fd = j->in_fd >= 0 ? j->in_fd : j->out_fd;
+            if (fd >= 0)
+                ioctl(fd, TIOCSWINSZ, &wsz);
+        }
+        break;
+    }
     case 'T': {
         if (len != 12) {
             send_error(req_id, "set-time: payload must be 12 bytes, got %zu", len);
@@ -1001,10 +1157,16 @@ int main(int argc, char **argv) {
             if (!j->used)
                 continue;
             if (j->reaped) {
-                finish_job(j);
-                continue;
+                /* a PTY's last output may reach the master a moment after the exit */
+                int64_t grace = j->reaped_at + TTY_GRACE_MS - now;
+                if (!j->tty || j->out_fd < 0 || grace <= 0) {
+                    finish_job(j);
+                    continue;
+                }
+                if (timeout < 0 || grace < timeout)
+                    timeout = (int)grace;
             }
-            if (j->deadline && now >= j->deadline) {
+            if (!j->reaped && j->deadline && now >= j->deadline) {
                 kill(-j->pid, SIGKILL);
                 kill(j->pid, SIGKILL);
                 j->timed_out = 1;
@@ -1048,7 +1210,7 @@ int main(int argc, char **argv) {
                 continue;
             int dropping = j->gen != gen;
             int readable = dropping || (room && !j->held);
-            if (j->in_fd >= 0) {
+            if (stdin_pending(j) && !j->reaped) {
                 pfd[np] = (struct pollfd){j->in_fd, POLLOUT, 0};
                 owner[np] = i;
                 kind[np++] = K_IN;
