@@ -42,6 +42,7 @@ class State:
 
         self.auto = AutoStandby(data_dir)
         self._exec_slots: dict[str, asyncio.Semaphore] = {}
+        self.pulls: dict[str, Any] = {}  # image pulls in progress or failed (api/images.py)
 
     @contextlib.asynccontextmanager
     async def exec_slot(self, ref: str) -> AsyncIterator[None]:
@@ -102,7 +103,7 @@ class AuthAndCount:
 
 
 def create_app(data_dir: Path) -> FastAPI:
-    from vmfork.api import exec_routes, instances, service
+    from vmfork.api import exec_routes, images, instances, service
 
     app = FastAPI(
         title="vmfork", version=__version__,
@@ -126,6 +127,7 @@ def create_app(data_dir: Path) -> FastAPI:
     app.include_router(service.router)
     app.include_router(instances.router)
     app.include_router(exec_routes.router)
+    app.include_router(images.router)
     app.add_middleware(AuthAndCount, st=st)
     app.openapi = functools.partial(_openapi, app)  # type: ignore[method-assign]
     return app

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -37,14 +38,33 @@ def _get(st: State, ref: str, detail: bool = False) -> dict[str, Any]:
     return view(st, st.mgr.find(ref), detail=detail)
 
 
+def _oci_options(body: models.CreateInstance) -> dict[str, Any]:
+    """``image`` and its main process's overrides, as ``vmfork run --image REF -e K=V -w DIR
+    --entrypoint CMD -- ARGS`` gives them to the Manager; none of them without an image."""
+    given = [k for k in ("env", "entrypoint", "cmd", "workdir") if getattr(body, k) is not None]
+    if body.image in (None, "", "default"):
+        if given:
+            raise ApiError(400, "invalid", f"{', '.join(given)}: only with an OCI image ('image'); the built-in "
+                           "image has no main process (pass env and cwd to exec instead)")
+        return {}
+    for k, v in (body.env or {}).items():
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k):
+            raise ApiError(400, "invalid", f"env: invalid variable name {util.one_line(k)[:100]!r} "
+                           "(letters, digits and _, not starting with a digit)")
+        if "\0" in v:
+            raise ApiError(400, "invalid", f"env {k}: NUL bytes are not allowed")
+    for arg in [*(body.entrypoint or []), *(body.cmd or []), body.workdir or ""]:
+        if "\0" in arg:
+            raise ApiError(400, "invalid", "entrypoint, cmd and workdir: NUL bytes are not allowed")
+    main = {"env": [f"{k}={v}" for k, v in (body.env or {}).items()], "workdir": body.workdir,
+            "entrypoint": body.entrypoint, "args": body.cmd}
+    return {"oci_image": body.image, "main": main}
+
+
 @router.post("/instances", status_code=201, response_model=models.Instance,
              responses=responses(404, 409, 502, 507), summary="Create and start an instance")
 async def create_instance(body: models.CreateInstance, st: Dep) -> dict[str, Any]:
-    if body.image not in (None, "", "default"):
-        raise ApiError(400, "invalid", f"image '{util.one_line(body.image)[:100]}' is not available: only the "
-                       "built-in image ('default') exists until OCI images are merged")
-    if body.env:
-        raise ApiError(400, "invalid", "env is not supported yet at creation: pass it to exec")
+    oci = _oci_options(body)
     from vmfork.network.spec import build as net_spec
 
     mode = body.network or ("default" if (body.publish or body.allow or body.egress != "allow") else "none")
@@ -58,7 +78,7 @@ async def create_instance(body: models.CreateInstance, st: Dep) -> dict[str, Any
         t0 = time.monotonic()
         with st.metrics.timed("run"):
             inst = st.mgr.run(body.name, memory_mib=memory_mib, vcpus=body.vcpus, hypervisor=body.hypervisor,
-                              accel=body.accel, limits=limits, overcommit=body.overcommit, network=network)
+                              accel=body.accel, limits=limits, overcommit=body.overcommit, network=network, **oci)
         if body.auto_standby is not None:
             st.auto.set(inst.id, body.auto_standby)
         return view(st, inst, seconds=time.monotonic() - t0)
