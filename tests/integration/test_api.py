@@ -157,7 +157,8 @@ def test_errors_are_problems_with_stable_codes(server: Server, box: object) -> N
             (h.post("/instances/api-box/restore"), 409, "wrong_state"),
             (h.post("/instances", json={"name": "Bad Name"}), 400, "invalid"),
             (h.post("/instances", json={"name": "api-x", "memory": "lots"}), 400, "invalid"),
-            (h.post("/instances", json={"name": "api-x", "image": "docker.io/library/nginx"}), 400, "invalid"),
+            (h.post("/instances", json={"name": "api-x", "env": {"A": "1"}}), 400, "invalid"),  # env needs an image
+            (h.post("/instances", json={"name": "api-x", "image": "127.0.0.1:1/none:1"}), 502, "registry_error"),
             (h.post("/instances/api-box/exec", json={"argv": []}), 400, "invalid"),
             (h.post("/instances/api-box/exec", content=b"{not json", headers={"content-type": "application/json"}),
              400, "invalid"),
