@@ -94,7 +94,7 @@ class Ctx:
         if self._mgr is None and self.host:
             from vmfork.remote import RemoteManager
 
-            self._mgr, self._mgr_creates = RemoteManager(self.host), True
+            self._mgr, self._mgr_creates = RemoteManager(self.host, self.progress), True
         if self._mgr is None or not self._mgr_creates:
             self._manager(create=True)
         return self._mgr

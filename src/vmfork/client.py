@@ -381,17 +381,48 @@ def _pulled(d: dict[str, Any]) -> models.Image:
     return im
 
 
+def _pull_events(lines: Iterator[str], on_progress: Callable[[str], None]) -> models.Image:
+    """Read ``POST /images?stream=true``: progress lines, then the image or the problem."""
+    event = None
+    for line in lines:
+        if line.startswith("event: "):
+            event = line[7:]
+        elif line.startswith("data: "):
+            data = line[6:]
+            if event == "image":
+                return models.Image.model_validate(json.loads(data))
+            if event == "problem":
+                d = json.loads(data)
+                code = str(d.get("code") or "internal")
+                raise ERRORS.get(code, APIError)(int(d.get("status") or 500), code, str(d.get("detail")), d)
+            on_progress(data)
+        elif not line:
+            event = None
+    raise APIError(0, "internal", "the pull's event stream ended without its result")
+
+
 class Images:
     """OCI images: ``pull`` (waits for the result unless ``wait=False``), ``list``, ``get``, ``delete``."""
 
     def __init__(self, client: Client) -> None:
         self.client = client
 
-    def pull(self, name: str, *, insecure: bool = False, fs: str = "ext4", wait: bool = True) -> models.Image:
+    def pull(self, name: str, *, insecure: bool = False, fs: str = "ext4", wait: bool = True,
+             on_progress: Callable[[str], None] | None = None) -> models.Image:
         """Pull ``name`` for linux/amd64. ``wait=True``: returns the ready image or raises the
-        problem (NotFoundError, RegistryError, ...); ``wait=False``: returns the pull as started
-        (status pending/pulling), to follow with ``get``."""
+        problem (NotFoundError, RegistryError, ...), passing each progress line to
+        ``on_progress`` if given (server-sent events); ``wait=False``: returns the pull as
+        started (status pending/pulling), to follow with ``get`` or ``wait``."""
         body = {"name": name, "insecure": insecure, "fs": fs}
+        if wait and on_progress is not None:
+            try:
+                with self.client.http.stream("POST", "/images", json=body, params={"stream": "true"}) as resp:
+                    if resp.status_code >= 400:
+                        resp.read()
+                        raise_for_problem(resp)
+                    return _pull_events(resp.iter_lines(), on_progress)
+            except httpx.TransportError as e:
+                raise _unreachable(self.client.uds or self.client.base_url, e) from None
         return models.Image.model_validate(
             self.client.json("POST", "/images", json=body, params={"wait": "true"} if wait else None))
 

@@ -35,9 +35,9 @@ class Problem(BaseModel):
 
 class CreateInstance(_Body):
     name: str = Field(pattern=NAME_PATTERN, description="Instance name (as `vmfork run NAME`).")
-    image: str | None = Field(default=None, max_length=512, description=(
+    image: str = Field(default="default", description=(
         "An OCI image (ref or digest, pulled if absent, as `vmfork run --image`): its Entrypoint/Cmd "
-        "runs as the main process. Omitted or 'default': the built-in guest image."))
+        "runs as the main process. 'default' (or omitted): the built-in guest image."))
     memory: str = Field(default="256M", max_length=32, description="Guest RAM, e.g. 256M or 2G.")
     vcpus: int = Field(default=1, ge=1, le=32)
     hypervisor: Literal["qemu", "firecracker"] = "qemu"
@@ -50,14 +50,14 @@ class CreateInstance(_Body):
     auto_standby: float | None = Field(default=None, ge=1, le=30 * 86400, description=(
         "Seconds without activity (exec, files) after which the server puts the instance in standby; "
         "an exec or file transfer then restores it first."))
-    env: dict[str, str] | None = Field(default=None, max_length=1024, description=(
+    env: dict[str, str] = Field(default_factory=dict, description=(
         "With an OCI image: the main process's environment, added to the image's Env (a key given "
         "replaces the image's; as `vmfork run -e K=V`). Refused without an image: pass env to exec."))
-    entrypoint: list[str] | None = Field(default=None, min_length=1, max_length=256, description=(
+    entrypoint: list[str] = Field(default_factory=list, description=(
         "With an OCI image: replaces its Entrypoint (and drops its Cmd), as `docker run --entrypoint`."))
-    cmd: list[str] | None = Field(default=None, min_length=1, max_length=4096, description=(
+    cmd: list[str] = Field(default_factory=list, description=(
         "With an OCI image: replaces its Cmd (as the arguments after `vmfork run NAME --image REF --`)."))
-    workdir: str | None = Field(default=None, max_length=4096, description=(
+    workdir: str = Field(default="", description=(
         "With an OCI image: the main process's working directory (absolute; as `vmfork run -w`)."))
     network: Literal["none", "default"] | None = Field(
         default=None, description="default: a network of its own (NAT); default when publish/egress/allow is given.")

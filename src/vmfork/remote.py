@@ -47,10 +47,11 @@ class RemoteExec:
 
 
 class RemoteManager:
-    def __init__(self, host: str) -> None:
+    def __init__(self, host: str, progress: Callable[[str], None] | None = None) -> None:
         from vmfork.client import Client
 
         self.client = Client(host)
+        self.progress = progress
 
     def _inst(self, d: dict[str, Any]) -> RemoteInstance:
         return RemoteInstance(d)
@@ -141,7 +142,7 @@ class RemoteManager:
 
     # --- OCI images (vmfork image pull|rm|ls, run --image) -----------------------------------
     def oci_store(self) -> RemoteStore:
-        return RemoteStore(self.client)
+        return RemoteStore(self.client, self.progress)
 
     def image_users(self, digest: str) -> list[str]:
         return list(self.client.images.get(digest).used_by)
@@ -173,8 +174,8 @@ def _main_overrides(main: dict[str, Any]) -> dict[str, Any]:
             raise InvalidArgument(f"invalid environment variable {e!r}: use KEY=VALUE")
         env[k] = v
     ep = main.get("entrypoint")
-    return {"env": env or None, "workdir": main.get("workdir"), "entrypoint": [ep] if ep is not None else None,
-            "cmd": main.get("args") or None}
+    return {"env": env, "workdir": main.get("workdir") or "", "entrypoint": [ep] if ep is not None else [],
+            "cmd": list(main.get("args") or [])}
 
 
 class RemoteImage:
@@ -196,11 +197,11 @@ class RemoteImage:
 class RemoteStore:
     """``Manager.oci_store()`` through the server: pull, remove, list."""
 
-    def __init__(self, client: Any) -> None:
-        self.client = client
+    def __init__(self, client: Any, progress: Callable[[str], None] | None = None) -> None:
+        self.client, self.progress = client, progress
 
     def pull(self, text: str, *, insecure: bool = False, fmt: str = "ext4") -> RemoteImage:
-        return RemoteImage(self.client.images.pull(text, insecure=insecure, fs=fmt))
+        return RemoteImage(self.client.images.pull(text, insecure=insecure, fs=fmt, on_progress=self.progress))
 
     def remove(self, text: str, users: Callable[[str], list[str]]) -> RemoteImage:
         im = RemoteImage(self.client.images.get(text))

@@ -35,6 +35,8 @@ def reg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
         refs = {"host": host}
         refs["probe"] = ob.push(ob.image(work / "layout", "probe", [layer], config={
             "entrypoint": ["/probe"], "cmd": ["serve", "c1"], "env": ["FOO=bar", "PATH=/bin"]}), host, "api/probe:1")
+        refs["other"] = ob.push(ob.image(work / "layout", "other", [ob.Layer().file("other", b"other\n")],
+                                         config={"cmd": ["/other"]}), host, "api/other:1")
         refs["arm"] = ob.push(ob.image(work / "layout", "arm", [ob.Layer().file("x", b"arm")], config={"cmd": ["/x"]},
                                        arch="arm64"), host, "api/arm:1")
         yield refs
@@ -91,6 +93,24 @@ def test_pull_list_get_through_the_sdk(api: Server, reg: dict[str, str], report:
     assert len([r for r in c.images.list() if r.kind == "oci"]) == 1
     report.append(f"API image pull (tiny image, local registry): {pull_s:.2f}s with wait=true; "
                   f"a re-pull followed through GET went through {sorted(seen)}")
+
+
+def test_pull_streams_its_progress(api: Server, reg: dict[str, str]) -> None:
+    """stream=true (the SDK's on_progress): skopeo's and the conversion's steps as server-sent
+    events while the pull runs, then the image; a failure ends the stream with its problem."""
+    from vmfork.client import NotFoundError
+
+    c = sdk(api)
+    lines: list[str] = []
+    im = c.images.pull(reg["other"], on_progress=lines.append)
+    assert im.status == "ready" and im.refs == [reg["other"]] and im.cmd == ["/other"]
+    assert lines[0].startswith("pulling docker://") and any(x.startswith("skopeo: ") for x in lines)
+    assert any(x.startswith("converting to a read-only ext4") for x in lines), lines
+    assert lines[-1].startswith(f"image {im.digest[7:19]} ready"), lines
+    with pytest.raises(NotFoundError, match="manifest unknown"):
+        c.images.pull(f"{reg['host']}/api/other:nope", on_progress=lines.append)
+    c.images.delete(reg["other"])
+    c.images.delete(f"{reg['host']}/api/other:nope")  # its failed pull, forgotten
 
 
 @pytest.mark.parametrize(("case", "status", "code", "words"), [

@@ -165,10 +165,18 @@ def test_images_and_env_in_process(tmp_path: Path) -> None:
                             ({"name": "b", "cmd": ["x"]}, "cmd: only with an OCI image"),
                             ({"name": "b", "image": "x:1", "env": {"1A": "1"}}, "invalid variable name '1A'"),
                             ({"name": "b", "image": "x:1", "env": {"A=B": "1"}}, "invalid variable name 'A=B'"),
-                            ({"name": "b", "image": "x:1", "env": {"A": "\0"}}, "NUL")]:
+                            ({"name": "b", "image": "x:1", "env": {"A": "\0"}}, "NUL"),
+                            ({"name": "b", "image": None}, "image: Input should be a valid string"),
+                            ({"name": "b", "image": "x" * 513}, "image: at most 512 characters")]:
             r = c.post("/instances", json=body)
             assert r.status_code == 400 and r.json()["code"] == "invalid" and words in r.json()["detail"], r.json()
         assert not (tmp_path / "guests").exists() or not list((tmp_path / "guests").iterdir())
+        # unknown query parameters are refused, as unknown body fields are (no pull starts here)
+        r = c.post("/images", params={"wiat": "true"}, json={"name": "x"})
+        assert r.status_code == 400 and "unknown query parameter 'wiat'" in r.json()["detail"]
+        assert c.get("/images").json() == []
+        r = c.get("/instances", params={"sate": "running"})
+        assert r.status_code == 400 and "(this operation takes: state)" in r.json()["detail"]
 
 
 def test_tcp_needs_the_token(tmp_path: Path) -> None:

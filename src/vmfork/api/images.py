@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from vmfork import models
 from vmfork.api import problems
@@ -26,6 +28,7 @@ from vmfork.util import one_line
 router = APIRouter(tags=["images"])
 Dep = Annotated[State, Depends(state)]
 MAX_FAILED = 64  # failed pulls remembered (the oldest are forgotten first)
+MAX_LINES = 1000  # progress lines a pull keeps for its streams (the oldest are dropped first)
 NAME_DOC = "An image reference (URL-encoded or not: `127.0.0.1:5000/app:1`) or digest (`sha256:...`, 12+ hex)."
 
 
@@ -44,10 +47,16 @@ class Pull:
     finished: float | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Future[None] | None = None
+    lines: list[str] = field(default_factory=list)  # progress lines, the last MAX_LINES
+    dropped: int = 0  # lines dropped from the head of ``lines``
 
     def on_progress(self, msg: str) -> None:
         """Called from the worker thread with the store's and the tools' progress lines."""
         self.progress = one_line(msg)[:300]
+        self.lines.append(self.progress)
+        if len(self.lines) > MAX_LINES:
+            del self.lines[0]
+            self.dropped += 1
         if msg.startswith("waiting for another"):
             self.status = "pending"
         elif msg.startswith(("umoci", "converting")):
@@ -150,19 +159,27 @@ async def _run(st: State, p: Pull, body: models.PullImage) -> None:
         p.done.set()
 
 
-IMAGE_200: dict[int | str, dict[str, Any]] = {200: {"model": models.Image, "description": "wait=true: the pull is done; the image."},
+IMAGE_200: dict[int | str, dict[str, Any]] = {200: {
+    "model": models.Image, "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    "description": "wait=true: the pull is done, the image. stream=true: server-sent events, one `data:` "
+                   "per progress line (escaped), then `event: image` with the image (JSON) or `event: "
+                   "problem` with the problem (JSON)."},
              202: {"model": models.Image, "description": "The pull started (or one of this name is in "
                    "progress): follow it with GET /images/{name}."}}
 
 
 @router.post("/images", status_code=202, response_model=models.Image, responses=responses(404, 409, 502, 507)
              | IMAGE_200, summary="Pull an OCI image (linux/amd64) and convert it to a root filesystem")
-async def pull_image(body: models.PullImage, st: Dep, request: Request, wait: bool = False) -> Any:
+async def pull_image(body: models.PullImage, st: Dep, request: Request, wait: bool = False,
+                     stream: bool = False) -> Any:
     """Starts the pull and answers 202 at once (as hypeman's `POST /images`): the image's `status`
     goes pending → pulling → converting → ready or failed (`error`, `error_code`), as `GET
     /images/{name}` shows. With `wait=true` the answer comes when the pull is done: 200 and the
     image, or the problem (404 `not_found` when the registry has no such image or not for
-    linux/amd64, 502 `registry_error` when it cannot be reached or refuses, 507 `no_space`)."""
+    linux/amd64, 502 `registry_error` when it cannot be reached or refuses, 507 `no_space`).
+    With `stream=true`: the progress as server-sent events, then the image or the problem. A
+    pull of a name already in progress is joined, not started again; a client that goes away
+    does not stop the pull."""
     from vmfork.images import oci
 
     name = str(oci.parse_ref(body.name))  # a bad reference: 400 invalid, before any work
@@ -173,6 +190,8 @@ async def pull_image(body: models.PullImage, st: Dep, request: Request, wait: bo
     else:
         p = pulls(st)[name] = Pull(name, body.insecure, body.fs)
         p.task = asyncio.ensure_future(_run(st, p, body))
+    if stream:
+        return StreamingResponse(_events(st, p, request), media_type="text/event-stream")
     if not wait:
         return p.view()
     await p.done.wait()
@@ -180,6 +199,34 @@ async def pull_image(body: models.PullImage, st: Dep, request: Request, wait: bo
         assert p.error_status is not None and p.error_code is not None
         return problems.problem(p.error_status, p.error_code, p.error or "", request.url.path)
     return JSONResponse(await blocking(st, _get, st, name), status_code=200)
+
+
+def _sse(data: str, event: str | None = None) -> str:
+    return (f"event: {event}\n" if event else "") + f"data: {data}\n\n"
+
+
+async def _events(st: State, p: Pull, request: Request) -> AsyncIterator[str]:
+    """The pull's progress lines (from its first one kept), as they come; then its result."""
+    sent = 0  # lines sent, counted from the pull's first
+    while True:
+        finished = p.done.is_set()
+        start = max(sent - p.dropped, 0)
+        new = p.lines[start:]
+        sent = p.dropped + start + len(new)
+        for line in new:
+            yield _sse(line)
+        if finished:
+            break
+        if await request.is_disconnected():
+            return  # the pull goes on: GET /images/{name} shows it
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(p.done.wait(), 0.2)
+    if p.status == "failed":
+        body = {"type": "about:blank", "title": problems.TITLES.get(p.error_code or "", p.error_code),
+                "status": p.error_status, "detail": p.error, "code": p.error_code, "instance": "/images"}
+        yield _sse(json.dumps(body), "problem")
+    else:
+        yield _sse(json.dumps(await blocking(st, _get, st, p.name)), "image")
 
 
 @router.get("/images", response_model=list[models.Image], responses=responses(),

@@ -40,24 +40,31 @@ def _get(st: State, ref: str, detail: bool = False) -> dict[str, Any]:
 
 def _oci_options(body: models.CreateInstance) -> dict[str, Any]:
     """``image`` and its main process's overrides, as ``vmfork run --image REF -e K=V -w DIR
-    --entrypoint CMD -- ARGS`` gives them to the Manager; none of them without an image."""
-    given = [k for k in ("env", "entrypoint", "cmd", "workdir") if getattr(body, k) is not None]
-    if body.image in (None, "", "default"):
+    --entrypoint CMD -- ARGS`` gives them to the Manager; none of them without an image.
+    (Not nullable in the schema, and bounds checked here: fuzzers send null, or drop a bound,
+    as an "invalid" value, and that would be a valid request that boots a VM.)"""
+    given = [k for k in ("env", "entrypoint", "cmd", "workdir") if getattr(body, k)]
+    if body.image in ("", "default"):
         if given:
             raise ApiError(400, "invalid", f"{', '.join(given)}: only with an OCI image ('image'); the built-in "
                            "image has no main process (pass env and cwd to exec instead)")
         return {}
-    for k, v in (body.env or {}).items():
+    for what, n, cap in [("image", len(body.image), 512), ("env", len(body.env), 1024),
+                         ("entrypoint", len(body.entrypoint), 256), ("cmd", len(body.cmd), 4096),
+                         ("workdir", len(body.workdir), 4096)]:
+        if n > cap:
+            raise ApiError(400, "invalid", f"{what}: at most {cap} {'characters' if what in ('image', 'workdir') else 'items'}")
+    for k, v in body.env.items():
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k):
             raise ApiError(400, "invalid", f"env: invalid variable name {util.one_line(k)[:100]!r} "
                            "(letters, digits and _, not starting with a digit)")
         if "\0" in v:
             raise ApiError(400, "invalid", f"env {k}: NUL bytes are not allowed")
-    for arg in [*(body.entrypoint or []), *(body.cmd or []), body.workdir or ""]:
+    for arg in [*body.entrypoint, *body.cmd, body.workdir]:
         if "\0" in arg:
             raise ApiError(400, "invalid", "entrypoint, cmd and workdir: NUL bytes are not allowed")
-    main = {"env": [f"{k}={v}" for k, v in (body.env or {}).items()], "workdir": body.workdir,
-            "entrypoint": body.entrypoint, "args": body.cmd}
+    main = {"env": [f"{k}={v}" for k, v in body.env.items()], "workdir": body.workdir or None,
+            "entrypoint": body.entrypoint or None, "args": body.cmd or None}
     return {"oci_image": body.image, "main": main}
 
 
