@@ -94,7 +94,7 @@ class Ctx:
         if self._mgr is None and self.host:
             from vmfork.remote import RemoteManager
 
-            self._mgr, self._mgr_creates = RemoteManager(self.host), True
+            self._mgr, self._mgr_creates = RemoteManager(self.host, self.progress), True
         if self._mgr is None or not self._mgr_creates:
             self._manager(create=True)
         return self._mgr
@@ -554,14 +554,16 @@ def image_build(c: Ctx, distro: str | None, packages: tuple[str, ...], tag: str 
 def image_ls(c: Ctx, as_json: bool) -> None:
     """List the built-in guest images (newest first), then the OCI images: refs, digest,
     size, created and the instances using each."""
+    from vmfork.image_cli import oci_rows, oci_table
     from vmfork.images import list_images
 
-    images = DataDir(c.data_dir).images
-    rows = [{"digest": i.digest, "dir": str(i.dir), "kernel_version": i.kernel_version}
-            for i in (list_images(images) if c.data_dir_exists() and images.exists() else [])]
-    from vmfork.image_cli import oci_rows, oci_table
-
-    rows += oci_rows(c)  # OCI images: "kind": "oci", refs, digest, size, created, used_by
+    if c.host:  # the server's images
+        rows = c.mgr.image_rows()
+    else:
+        images = DataDir(c.data_dir).images
+        rows = [{"digest": i.digest, "dir": str(i.dir), "kernel_version": i.kernel_version}
+                for i in (list_images(images) if c.data_dir_exists() and images.exists() else [])]
+        rows += oci_rows(c)  # OCI images: "kind": "oci", refs, digest, size, created, used_by
 
     def human() -> None:
         for r in rows:

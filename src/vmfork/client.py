@@ -25,6 +25,7 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 import httpx
 
@@ -82,6 +83,15 @@ class HypervisorError(APIError, errors.HypervisorError):
     pass
 
 
+class RegistryError(APIError, errors.RegistryError):
+    """The registry could not be reached or refused the pull (502 ``registry_error``)."""
+
+    def __init__(self, status: int, code: str, detail: str, body: dict[str, Any] | None = None) -> None:
+        Exception.__init__(self, detail)  # not ExternalToolError's (tool, message)
+        self.status, self.code, self.detail, self.body = status, code, detail, body or {}
+        self.tool, self.tool_message = "skopeo", detail
+
+
 class UnauthorizedError(APIError):
     pass
 
@@ -99,7 +109,9 @@ ERRORS: dict[str, type[APIError]] = {
     "already_exists": AlreadyExistsError, "wrong_state": WrongStateError, "busy": BusyError,
     "no_space": NoSpaceError, "exec_aborted": ExecAbortedError, "agent_error": AgentError,
     "hypervisor_error": HypervisorError, "unauthorized": UnauthorizedError, "too_large": TooLargeError,
+    "registry_error": RegistryError,
 }
+IMAGE_POLL_CAP = 1.0  # seconds between two looks at a pull in progress, at most
 
 
 def raise_for_problem(resp: httpx.Response) -> None:
@@ -160,6 +172,7 @@ class Client:
                                  timeout=httpx.Timeout(timeout, connect=30.0))
         self.instances = Instances(self)
         self.snapshots = Snapshots(self)
+        self.images = Images(self)
 
     def __enter__(self) -> Client:
         return self
@@ -193,8 +206,6 @@ class Client:
     def metrics(self) -> str:
         return self.request("GET", "/metrics").text
 
-    def images(self) -> list[models.Image]:
-        return [models.Image.model_validate(d) for d in self.json("GET", "/images")]
 
 
 class Instance:
@@ -441,6 +452,87 @@ class Snapshots:
         return [Instance(self.client, i) for i in r.instances]
 
 
+def _image_path(name: str) -> str:
+    return "/images/" + quote(name, safe="")
+
+
+def _pulled(d: dict[str, Any]) -> models.Image:
+    """The image a finished pull gave; a failed pull raises its problem (as ``wait=true`` would)."""
+    im = models.Image.model_validate(d)
+    if im.status == "failed":
+        code = im.error_code or "internal"
+        raise ERRORS.get(code, APIError)(im.error_status or 500, code, im.error or "the pull failed", d)
+    return im
+
+
+def _pull_events(lines: Iterator[str], on_progress: Callable[[str], None]) -> models.Image:
+    """Read ``POST /images?stream=true``: progress lines, then the image or the problem."""
+    event = None
+    for line in lines:
+        if line.startswith("event: "):
+            event = line[7:]
+        elif line.startswith("data: "):
+            data = line[6:]
+            if event == "image":
+                return models.Image.model_validate(json.loads(data))
+            if event == "problem":
+                d = json.loads(data)
+                code = str(d.get("code") or "internal")
+                raise ERRORS.get(code, APIError)(int(d.get("status") or 500), code, str(d.get("detail")), d)
+            on_progress(data)
+        elif not line:
+            event = None
+    raise APIError(0, "internal", "the pull's event stream ended without its result")
+
+
+class Images:
+    """OCI images: ``pull`` (waits for the result unless ``wait=False``), ``list``, ``get``, ``delete``."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+
+    def pull(self, name: str, *, insecure: bool = False, fs: str = "ext4", wait: bool = True,
+             on_progress: Callable[[str], None] | None = None) -> models.Image:
+        """Pull ``name`` for linux/amd64. ``wait=True``: returns the ready image or raises the
+        problem (NotFoundError, RegistryError, ...), passing each progress line to
+        ``on_progress`` if given (server-sent events); ``wait=False``: returns the pull as
+        started (status pending/pulling), to follow with ``get`` or ``wait``."""
+        body = {"name": name, "insecure": insecure, "fs": fs}
+        if wait and on_progress is not None:
+            try:
+                with self.client.http.stream("POST", "/images", json=body, params={"stream": "true"}) as resp:
+                    if resp.status_code >= 400:
+                        resp.read()
+                        raise_for_problem(resp)
+                    return _pull_events(resp.iter_lines(), on_progress)
+            except httpx.TransportError as e:
+                raise _unreachable(self.client.uds or self.client.base_url, e) from None
+        return models.Image.model_validate(
+            self.client.json("POST", "/images", json=body, params={"wait": "true"} if wait else None))
+
+    def list(self) -> builtins.list[models.Image]:
+        return [models.Image.model_validate(d) for d in self.client.json("GET", "/images")]
+
+    def get(self, name: str) -> models.Image:
+        return models.Image.model_validate(self.client.json("GET", _image_path(name)))
+
+    def wait(self, name: str, timeout: float = 3600.0) -> models.Image:
+        """Follow a pull started with ``wait=False`` until it is done (raises its problem)."""
+        import time
+
+        deadline, delay = time.monotonic() + timeout, 0.05
+        while (d := self.client.json("GET", _image_path(name)))["status"] not in ("ready", "failed"):
+            if time.monotonic() > deadline:
+                raise APIError(0, "timeout", f"the pull of '{name}' is still {d['status']} after {timeout:g}s", d)
+            time.sleep(delay)
+            delay = min(delay * 2, IMAGE_POLL_CAP)
+        return _pulled(d)
+
+    def delete(self, name: str) -> None:
+        """Remove the image (all its refs); BusyError while an instance or snapshot uses it."""
+        self.client.request("DELETE", _image_path(name))
+
+
 # --- async ------------------------------------------------------------------------------------
 class AsyncClient:
     """The same API for asyncio: ``await client.instances.run(...)``, ``await inst.exec(...)``."""
@@ -453,6 +545,7 @@ class AsyncClient:
                                       timeout=httpx.Timeout(timeout, connect=30.0))
         self.instances = AsyncInstances(self)
         self.snapshots = AsyncSnapshots(self)
+        self.images = AsyncImages(self)
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -570,6 +663,37 @@ class AsyncSnapshots:
         r = models.ForkResult.model_validate(await self.client.json(
             "POST", f"/snapshots/{ref}/fork", json={"name": name, "count": count, "target_state": target_state}))
         return [AsyncInstance(self.client, i) for i in r.instances]
+
+
+class AsyncImages:
+    def __init__(self, client: AsyncClient) -> None:
+        self.client = client
+
+    async def pull(self, name: str, *, insecure: bool = False, fs: str = "ext4", wait: bool = True) -> models.Image:
+        body = {"name": name, "insecure": insecure, "fs": fs}
+        return models.Image.model_validate(
+            await self.client.json("POST", "/images", json=body, params={"wait": "true"} if wait else None))
+
+    async def list(self) -> builtins.list[models.Image]:
+        return [models.Image.model_validate(d) for d in await self.client.json("GET", "/images")]
+
+    async def get(self, name: str) -> models.Image:
+        return models.Image.model_validate(await self.client.json("GET", _image_path(name)))
+
+    async def wait(self, name: str, timeout: float = 3600.0) -> models.Image:
+        import asyncio
+        import time
+
+        deadline, delay = time.monotonic() + timeout, 0.05
+        while (d := await self.client.json("GET", _image_path(name)))["status"] not in ("ready", "failed"):
+            if time.monotonic() > deadline:
+                raise APIError(0, "timeout", f"the pull of '{name}' is still {d['status']} after {timeout:g}s", d)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, IMAGE_POLL_CAP)
+        return _pulled(d)
+
+    async def delete(self, name: str) -> None:
+        await self.client.request("DELETE", _image_path(name))
 
 
 def iter_sse(resp: httpx.Response) -> Iterator[str]:

@@ -28,7 +28,8 @@ class WrongState(VmforkError):
 
 
 class Busy(VmforkError):
-    """Another vmfork process holds the lock of this instance."""
+    """Another vmfork process holds the lock of this instance, or something still uses what
+    is to be removed (an image used by an instance or a snapshot)."""
 
     exit_code = 6
 
@@ -40,6 +41,15 @@ class ExternalToolError(VmforkError):
         self.tool = tool
         self.tool_message = message.strip()
         super().__init__(f"{tool} failed: {self.tool_message}")
+
+
+class RegistryError(ExternalToolError):
+    """A registry could not be reached or refused a pull (skopeo's own message kept): a
+    failure upstream, neither the caller's input nor vmfork's."""
+
+
+class RegistryNotFound(ExternalToolError, NotFound):
+    """The registry answered that the image (its tag, digest or repository) does not exist."""
 
 
 class HypervisorError(VmforkError):
@@ -72,6 +82,10 @@ class ExecAborted(AgentError):
 
 class ImageError(VmforkError):
     """Building or finding the guest image failed."""
+
+
+class WrongPlatform(ImageError, NotFound):
+    """The image exists, but not for the platform vmfork guests run (linux/amd64)."""
 
 
 class NoSpace(VmforkError):

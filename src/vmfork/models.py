@@ -35,8 +35,9 @@ class Problem(BaseModel):
 
 class CreateInstance(_Body):
     name: str = Field(pattern=NAME_PATTERN, description="Instance name (as `vmfork run NAME`).")
-    image: str | None = Field(default=None, description="Guest image; only the built-in image "
-                              "('default' or omitted) exists until OCI images are merged.")
+    image: str = Field(default="default", description=(
+        "An OCI image (ref or digest, pulled if absent, as `vmfork run --image`): its Entrypoint/Cmd "
+        "runs as the main process. 'default' (or omitted): the built-in guest image."))
     memory: str = Field(default="256M", max_length=32, description="Guest RAM, e.g. 256M or 2G.")
     vcpus: int = Field(default=1, ge=1, le=32)
     hypervisor: Literal["qemu", "firecracker"] = "qemu"
@@ -49,7 +50,15 @@ class CreateInstance(_Body):
     auto_standby: float | None = Field(default=None, ge=1, le=30 * 86400, description=(
         "Seconds without activity (exec, files) after which the server puts the instance in standby; "
         "an exec or file transfer then restores it first."))
-    env: dict[str, str] | None = Field(default=None, description="Not supported yet: refused if given.")
+    env: dict[str, str] = Field(default_factory=dict, description=(
+        "With an OCI image: the main process's environment, added to the image's Env (a key given "
+        "replaces the image's; as `vmfork run -e K=V`). Refused without an image: pass env to exec."))
+    entrypoint: list[str] = Field(default_factory=list, description=(
+        "With an OCI image: replaces its Entrypoint (and drops its Cmd), as `docker run --entrypoint`."))
+    cmd: list[str] = Field(default_factory=list, description=(
+        "With an OCI image: replaces its Cmd (as the arguments after `vmfork run NAME --image REF --`)."))
+    workdir: str = Field(default="", description=(
+        "With an OCI image: the main process's working directory (absolute; as `vmfork run -w`)."))
     network: Literal["none", "default"] | None = Field(
         default=None, description="default: a network of its own (NAT); default when publish/egress/allow is given.")
     publish: list[str] = Field(default_factory=list, max_length=64,
@@ -88,6 +97,10 @@ class InstanceDetail(Instance):
     pending: str | None = None
     snapshot: dict[str, Any] | None = None
     confinement: dict[str, Any] | None = None
+    image_ref: str | None = Field(default=None, description="An OCI image instance: the image as asked for.")
+    image_oci_digest: str | None = Field(default=None, description="An OCI image instance: its manifest digest.")
+    main: dict[str, Any] | None = Field(default=None, description=(
+        "An OCI image instance: its main process (state, pid, exit_code, argv), as the guest says."))
 
 
 class ActionResult(BaseModel):
@@ -198,11 +211,50 @@ class SnapshotFork(_Body):
     overcommit: bool = False
 
 
+ImageStatus = Literal["pending", "pulling", "converting", "ready", "failed"]
+# An image reference as `vmfork image pull` takes it (the server checks it further).
+REF_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]*$"
+
+
+class PullImage(_Body):
+    name: str = Field(min_length=1, max_length=512, pattern=REF_PATTERN, description=(
+        "The image reference to pull for linux/amd64, e.g. `127.0.0.1:5000/app:1` or `alpine:3.20` "
+        "(docker.io/library/ is implied), or `repo@sha256:...`."))
+    insecure: bool = Field(default=False, description=(
+        "Allow plain HTTP / unverified TLS for this registry (always allowed for localhost, 127.0.0.1)."))
+    fs: Literal["ext4", "erofs"] = Field(default="ext4", description="The read-only root filesystem's format.")
+
+
 class Image(BaseModel):
-    name: str = Field(description="The digest's first 16 hex digits (its directory).")
-    digest: str
-    dir: str
-    kernel_version: str
+    """An OCI image (or a pull of one), or the built-in guest image (``kind`` builtin)."""
+
+    name: str = Field(description="The normalised reference (e.g. docker.io/library/alpine:3.20), else the digest; "
+                      "builtin: the digest's first 16 hex digits.")
+    kind: Literal["oci", "builtin"] = "oci"
+    status: ImageStatus = Field(default="ready", description=(
+        "pending (waiting for another pull), pulling, converting (unpacking the layers into a root "
+        "filesystem), ready, failed (see error)."))
+    digest: str | None = Field(default=None, description="The manifest's digest (sha256:...), once known.")
+    refs: list[str] = Field(default_factory=list, description="Every reference that names this image.")
+    fs: str | None = None
+    size_bytes: int | None = Field(default=None, description="Disk taken by its root filesystem.")
+    compressed_size_bytes: int | None = Field(default=None, description="Its layers as pulled.")
+    created_at: str | None = None
+    entrypoint: list[str] | None = None
+    cmd: list[str] | None = None
+    env: dict[str, str] | None = None
+    working_dir: str | None = None
+    user: str | None = None
+    used_by: list[str] = Field(default_factory=list, description="Instances and named snapshots using it.")
+    dir: str | None = None
+    progress: str | None = Field(default=None, description="A pull in progress: its last step (escaped).")
+    error: str | None = Field(default=None, description=(
+        "failed: why (the tool's own message). On a ready image: the last re-pull of this name failed "
+        "and the image shown is the one from before."))
+    error_code: str | None = Field(default=None, description="The problem code the error maps to (not_found, ...).")
+    error_status: int | None = Field(default=None, description="The HTTP status the error maps to.")
+    kernel_version: str | None = Field(default=None, description="builtin: its kernel.")
+    seconds: float | None = Field(default=None, description="How long the pull took (or has taken so far).")
 
 
 class Removed(BaseModel):

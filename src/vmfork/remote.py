@@ -63,10 +63,11 @@ class _SessionStdin:
 
 
 class RemoteManager:
-    def __init__(self, host: str) -> None:
+    def __init__(self, host: str, progress: Callable[[str], None] | None = None) -> None:
         from vmfork.client import Client
 
         self.client = Client(host)
+        self.progress = progress
 
     def _inst(self, d: dict[str, Any]) -> RemoteInstance:
         return RemoteInstance(d)
@@ -86,7 +87,7 @@ class RemoteManager:
 
     def run(self, name: str, *, memory_mib: int = 256, vcpus: int = 1, hypervisor: str = "qemu",
             accel: str = "auto", limits: dict[str, Any] | None = None, overcommit: bool = False,
-            network: Any = None) -> RemoteInstance:
+            network: Any = None, oci_image: str | None = None, main: dict[str, Any] | None = None) -> RemoteInstance:
         lim = limits or {}
         net: dict[str, Any] = {}
         if network is not None and network.enabled:
@@ -98,6 +99,8 @@ class RemoteManager:
                 "cpus": lim.get("cpus"), "pids_limit": lim.get("pids"), "io_weight": lim.get("io_weight"),
                 "memory_limit": f"{lim['memory_limit_mib']}M" if lim.get("memory_limit_mib") else None,
                 "overcommit": overcommit, **net}
+        if oci_image is not None:
+            body |= {"image": oci_image, **_main_overrides(main or {})}
         return self._inst(self.client.json("POST", "/instances", json=body))
 
     def _action(self, ref: str, what: str, body: dict[str, Any] | None = None,
@@ -161,5 +164,76 @@ class RemoteManager:
                 final = session.wait(on_stdout=on_stdout, on_stderr=on_stderr)
         return RemoteExec(int(final["exit_code"]), bool(final.get("timed_out")), final.get("signal"))
 
+    # --- OCI images (vmfork image pull|rm|ls, run --image) -----------------------------------
+    def oci_store(self) -> RemoteStore:
+        return RemoteStore(self.client, self.progress)
+
+    def image_users(self, digest: str) -> list[str]:
+        return list(self.client.images.get(digest).used_by)
+
+    def image_rows(self) -> list[dict[str, Any]]:
+        """``vmfork image ls --json``'s rows, from the server."""
+        rows: list[dict[str, Any]] = []
+        for im in self.client.images.list():
+            if im.kind == "builtin":
+                rows.append({"digest": im.digest, "dir": im.dir, "kernel_version": im.kernel_version})
+            elif im.status == "ready":
+                r = RemoteImage(im)
+                rows.append({"kind": "oci", "refs": list(r.refs), "digest": r.digest, "fs": r.fs,
+                             "size": im.size_bytes or 0, "compressed_size": im.compressed_size_bytes or 0,
+                             "created": im.created_at, "dir": str(r.dir), "used_by": list(im.used_by),
+                             "pull_seconds": im.seconds, "convert_seconds": None})
+        return rows
+
     def __getattr__(self, name: str) -> Any:
         raise InvalidArgument(f"this command ({name}) is not available through --host yet: run it without --host")
+
+
+def _main_overrides(main: dict[str, Any]) -> dict[str, Any]:
+    """``vmfork run --image``'s -e/-w/--entrypoint/ARGS as POST /instances takes them."""
+    env: dict[str, str] = {}
+    for e in main.get("env") or []:
+        k, sep, v = str(e).partition("=")
+        if not sep:
+            raise InvalidArgument(f"invalid environment variable {e!r}: use KEY=VALUE")
+        env[k] = v
+    ep = main.get("entrypoint")
+    return {"env": env, "workdir": main.get("workdir") or "", "entrypoint": [ep] if ep is not None else [],
+            "cmd": list(main.get("args") or [])}
+
+
+class RemoteImage:
+    """An OCI image as the server describes it, with what ``image_cli`` reads of a store's."""
+
+    def __init__(self, im: Any) -> None:
+        self.refs: tuple[str, ...] = tuple(im.refs)
+        self.digest: str = str(im.digest or "")
+        self.fs: str = str(im.fs or "")
+        self.dir = Path(str(im.dir or "."))
+        self.meta = {"rootfs_allocated_bytes": im.size_bytes or 0, "compressed_size": im.compressed_size_bytes or 0,
+                     "created": im.created_at, "pull_seconds": im.seconds}
+
+    @property
+    def short(self) -> str:
+        return self.digest.removeprefix("sha256:")[:12]
+
+
+class RemoteStore:
+    """``Manager.oci_store()`` through the server: pull, remove, list."""
+
+    def __init__(self, client: Any, progress: Callable[[str], None] | None = None) -> None:
+        self.client, self.progress = client, progress
+
+    def pull(self, text: str, *, insecure: bool = False, fmt: str = "ext4") -> RemoteImage:
+        return RemoteImage(self.client.images.pull(text, insecure=insecure, fs=fmt, on_progress=self.progress))
+
+    def remove(self, text: str, users: Callable[[str], list[str]]) -> RemoteImage:
+        im = RemoteImage(self.client.images.get(text))
+        self.client.images.delete(text)  # the server refuses (busy) while something uses it
+        return im
+
+    def images(self) -> list[RemoteImage]:
+        return [RemoteImage(im) for im in self.client.images.list() if im.kind == "oci" and im.status == "ready"]
+
+    def __getattr__(self, name: str) -> Any:
+        raise InvalidArgument(f"this image command ({name}) is not available through --host yet: run it without --host")

@@ -27,6 +27,9 @@ from vmfork.api.server import bind_unix, parse_listen
     (errors.AgentTimeout("x"), 502, "agent_error"),
     (errors.HypervisorError("x"), 500, "hypervisor_error"),
     (errors.ExternalToolError("mkfs", "boom"), 500, "external_tool_error"),
+    (errors.RegistryError("skopeo", "connection refused"), 502, "registry_error"),
+    (errors.RegistryNotFound("skopeo", "manifest unknown"), 404, "not_found"),
+    (errors.WrongPlatform("the image is for linux/arm64"), 404, "not_found"),
     (errors.VmforkError("x"), 500, "internal"),
 ])
 def test_every_error_class_has_its_code(exc: Exception, status: int, code: str) -> None:
@@ -123,6 +126,57 @@ def test_app_in_process(tmp_path: Path) -> None:
         assert r.status_code == 400 and "invalid -p '80'" in r.json()["detail"]
         assert "vmfork_instances" in c.get("/metrics").text
         assert c.get("/openapi.json").json()["info"]["title"] == "vmfork"
+
+
+@pytest.mark.parametrize(("message", "cls"), [
+    ("reading manifest nope in 127.0.0.1:5000/x: manifest unknown: manifest unknown", errors.RegistryNotFound),
+    ("reading manifest 1 in docker.io/library/nothing: name unknown: repository name not known", errors.RegistryNotFound),
+    ('pinging container registry 127.0.0.1:1: Get "http://127.0.0.1:1/v2/": connect: connection refused',
+     errors.RegistryError),
+    ("reading manifest 1 in r/x: unauthorized: authentication required", errors.RegistryError),
+    ("writing blob: write /x: no space left on device", errors.NoSpace),
+])
+def test_a_failed_pull_is_classified_with_skopeos_message(message: str, cls: type[Exception]) -> None:
+    from vmfork.images.oci import registry_error
+
+    e = registry_error(message)
+    assert type(e) is cls and message in str(e)
+
+
+def test_images_and_env_in_process(tmp_path: Path) -> None:
+    """/images over an empty data dir, and POST /instances's image options refused where they
+    cannot apply (no guest, no registry needed: all answered before any work)."""
+    from fastapi.testclient import TestClient
+
+    from vmfork.api.app import create_app
+
+    auth = {"Authorization": f"Bearer {ensure_token(tmp_path)}"}
+    with TestClient(create_app(tmp_path), headers=auth) as c:
+        assert c.get("/images").json() == []
+        for path in ("/images/nope", "/images/127.0.0.1%3A5000%2Fa%2Fb%3A1", "/images/sha256:" + "a" * 64):
+            r = c.get(path)
+            assert r.status_code == 404 and r.json()["code"] == "not_found", path
+            assert c.delete(path).status_code == 404
+        for body in ({"name": "UPPER//case::"}, {"name": "a//b"}, {"name": ""}, {"name": "x", "fs": "zfs"},
+                     {"name": "x", "extra": 1}):
+            r = c.post("/images", json=body)
+            assert r.status_code == 400 and r.json()["code"] == "invalid", body
+        for body, words in [({"name": "b", "env": {"A": "1"}}, "env: only with an OCI image"),
+                            ({"name": "b", "cmd": ["x"]}, "cmd: only with an OCI image"),
+                            ({"name": "b", "image": "x:1", "env": {"1A": "1"}}, "invalid variable name '1A'"),
+                            ({"name": "b", "image": "x:1", "env": {"A=B": "1"}}, "invalid variable name 'A=B'"),
+                            ({"name": "b", "image": "x:1", "env": {"A": "\0"}}, "NUL"),
+                            ({"name": "b", "image": None}, "image: Input should be a valid string"),
+                            ({"name": "b", "image": "x" * 513}, "image: at most 512 characters")]:
+            r = c.post("/instances", json=body)
+            assert r.status_code == 400 and r.json()["code"] == "invalid" and words in r.json()["detail"], r.json()
+        assert not (tmp_path / "guests").exists() or not list((tmp_path / "guests").iterdir())
+        # unknown query parameters are refused, as unknown body fields are (no pull starts here)
+        r = c.post("/images", params={"wiat": "true"}, json={"name": "x"})
+        assert r.status_code == 400 and "unknown query parameter 'wiat'" in r.json()["detail"]
+        assert c.get("/images").json() == []
+        r = c.get("/instances", params={"sate": "running"})
+        assert r.status_code == 400 and "(this operation takes: state)" in r.json()["detail"]
 
 
 def test_tcp_needs_the_token(tmp_path: Path) -> None:

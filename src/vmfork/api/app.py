@@ -13,13 +13,15 @@ from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
+from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from vmfork import __version__
 from vmfork.api import problems
 from vmfork.api.auth import TokenCheck
 from vmfork.api.metrics import Metrics
+from vmfork.util import one_line
 
 T = TypeVar("T")
 # Worker threads for blocking Manager calls: long execs each hold one while they run.
@@ -42,6 +44,7 @@ class State:
 
         self.auto = AutoStandby(data_dir)
         self._exec_slots: dict[str, asyncio.Semaphore] = {}
+        self.pulls: dict[str, Any] = {}  # image pulls in progress or failed (api/images.py)
 
     @contextlib.asynccontextmanager
     async def exec_slot(self, ref: str) -> AsyncIterator[None]:
@@ -101,11 +104,29 @@ class AuthAndCount:
         await self.app(scope, receive, counting_send)
 
 
+async def strict_query(conn: HTTPConnection) -> None:
+    """Unknown query parameters are refused (400 invalid), as unknown body fields are: a
+    misspelt option is not silently ignored."""
+    dependant = getattr(conn.scope.get("route"), "dependant", None)
+    if dependant is None or not conn.query_params:
+        return
+    allowed: set[str] = set()
+    todo = [dependant]
+    while todo:
+        d = todo.pop()
+        allowed.update(p.alias for p in d.query_params)
+        todo += d.dependencies
+    unknown = [k for k in conn.query_params if k not in allowed]
+    if unknown:
+        raise problems.ApiError(400, "invalid", f"unknown query parameter {one_line(unknown[0])[:100]!r}"
+                                + (f" (this operation takes: {', '.join(sorted(allowed))})" if allowed else ""))
+
+
 def create_app(data_dir: Path) -> FastAPI:
-    from vmfork.api import exec_routes, instances, service
+    from vmfork.api import exec_routes, images, instances, service
 
     app = FastAPI(
-        title="vmfork", version=__version__,
+        title="vmfork", version=__version__, dependencies=[Depends(strict_query)],
         description="vmfork's HTTP API: instances that boot, stand by, restore and fork copy-on-write. "
                     "Paths follow hypeman's OpenAPI 0.3.0; errors are RFC 9457 problem+json with a "
                     "stable `code`.",
@@ -126,6 +147,7 @@ def create_app(data_dir: Path) -> FastAPI:
     app.include_router(service.router)
     app.include_router(instances.router)
     app.include_router(exec_routes.router)
+    app.include_router(images.router)
     app.add_middleware(AuthAndCount, st=st)
     app.openapi = functools.partial(_openapi, app)  # type: ignore[method-assign]
     return app

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -37,14 +38,40 @@ def _get(st: State, ref: str, detail: bool = False) -> dict[str, Any]:
     return view(st, st.mgr.find(ref), detail=detail)
 
 
+def _oci_options(body: models.CreateInstance) -> dict[str, Any]:
+    """``image`` and its main process's overrides, as ``vmfork run --image REF -e K=V -w DIR
+    --entrypoint CMD -- ARGS`` gives them to the Manager; none of them without an image.
+    (Not nullable in the schema, and bounds checked here: fuzzers send null, or drop a bound,
+    as an "invalid" value, and that would be a valid request that boots a VM.)"""
+    given = [k for k in ("env", "entrypoint", "cmd", "workdir") if getattr(body, k)]
+    if body.image in ("", "default"):
+        if given:
+            raise ApiError(400, "invalid", f"{', '.join(given)}: only with an OCI image ('image'); the built-in "
+                           "image has no main process (pass env and cwd to exec instead)")
+        return {}
+    for what, n, cap in [("image", len(body.image), 512), ("env", len(body.env), 1024),
+                         ("entrypoint", len(body.entrypoint), 256), ("cmd", len(body.cmd), 4096),
+                         ("workdir", len(body.workdir), 4096)]:
+        if n > cap:
+            raise ApiError(400, "invalid", f"{what}: at most {cap} {'characters' if what in ('image', 'workdir') else 'items'}")
+    for k, v in body.env.items():
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k):
+            raise ApiError(400, "invalid", f"env: invalid variable name {util.one_line(k)[:100]!r} "
+                           "(letters, digits and _, not starting with a digit)")
+        if "\0" in v:
+            raise ApiError(400, "invalid", f"env {k}: NUL bytes are not allowed")
+    for arg in [*body.entrypoint, *body.cmd, body.workdir]:
+        if "\0" in arg:
+            raise ApiError(400, "invalid", "entrypoint, cmd and workdir: NUL bytes are not allowed")
+    main = {"env": [f"{k}={v}" for k, v in body.env.items()], "workdir": body.workdir or None,
+            "entrypoint": body.entrypoint or None, "args": body.cmd or None}
+    return {"oci_image": body.image, "main": main}
+
+
 @router.post("/instances", status_code=201, response_model=models.Instance,
              responses=responses(404, 409, 502, 507), summary="Create and start an instance")
 async def create_instance(body: models.CreateInstance, st: Dep) -> dict[str, Any]:
-    if body.image not in (None, "", "default"):
-        raise ApiError(400, "invalid", f"image '{util.one_line(body.image)[:100]}' is not available: only the "
-                       "built-in image ('default') exists until OCI images are merged")
-    if body.env:
-        raise ApiError(400, "invalid", "env is not supported yet at creation: pass it to exec")
+    oci = _oci_options(body)
     from vmfork.network.spec import build as net_spec
 
     mode = body.network or ("default" if (body.publish or body.allow or body.egress != "allow") else "none")
@@ -58,7 +85,7 @@ async def create_instance(body: models.CreateInstance, st: Dep) -> dict[str, Any
         t0 = time.monotonic()
         with st.metrics.timed("run"):
             inst = st.mgr.run(body.name, memory_mib=memory_mib, vcpus=body.vcpus, hypervisor=body.hypervisor,
-                              accel=body.accel, limits=limits, overcommit=body.overcommit, network=network)
+                              accel=body.accel, limits=limits, overcommit=body.overcommit, network=network, **oci)
         if body.auto_standby is not None:
             st.auto.set(inst.id, body.auto_standby)
         return view(st, inst, seconds=time.monotonic() - t0)

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
-OPERATIONS = ("run", "start", "stop", "rm", "fork", "standby", "restore", "exec", "snapshot")
+OPERATIONS = ("run", "start", "stop", "rm", "fork", "standby", "restore", "exec", "snapshot", "pull")
 
 
 class Histogram:

@@ -24,6 +24,7 @@ CODES: list[tuple[type[BaseException], int, str]] = [
     (errors.ExecAborted, 409, "exec_aborted"),
     (errors.NoSpace, 507, "no_space"),
     (errors.AgentError, 502, "agent_error"),
+    (errors.RegistryError, 502, "registry_error"),
     (errors.HypervisorError, 500, "hypervisor_error"),
     (errors.ExternalToolError, 500, "external_tool_error"),
     (errors.ImageError, 500, "image_error"),
@@ -32,7 +33,8 @@ CODES: list[tuple[type[BaseException], int, str]] = [
 TITLES = {
     "invalid": "Invalid request", "not_found": "Not found", "already_exists": "Already exists",
     "wrong_state": "Wrong state", "busy": "Busy", "exec_aborted": "Exec aborted",
-    "no_space": "No space", "agent_error": "Guest agent error", "hypervisor_error": "Hypervisor error",
+    "no_space": "No space", "agent_error": "Guest agent error", "registry_error": "Registry error",
+    "hypervisor_error": "Hypervisor error",
     "external_tool_error": "External tool failed", "image_error": "Image error", "internal": "Internal error",
     "unauthorized": "Unauthorized", "too_large": "Payload too large", "unsupported": "Not supported",
     "method_not_allowed": "Method not allowed", "timeout": "Timed out",

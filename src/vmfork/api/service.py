@@ -1,4 +1,4 @@
-"""/health, /capabilities, /resources, /metrics, /images and /snapshots."""
+"""/health, /capabilities, /resources, /metrics and /snapshots."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def _capabilities(st: State) -> dict[str, Any]:
         "reflink": fs.reflink_supported(st.mgr.dd.guests),
         "filesystem": fs.filesystem_type(st.mgr.dd.guests),
         "features": ["fork", "fork_count", "standby", "restore", "snapshots", "exec", "exec_ws", "files",
-                     "logs", "metrics"],
+                     "logs", "metrics", "images", "image_pull"],
     }
 
 
@@ -87,20 +87,6 @@ async def resources(st: Dep) -> dict[str, Any]:
 async def metrics(st: Dep) -> PlainTextResponse:
     counts, _ = await blocking(st, _states, st)
     return PlainTextResponse(st.metrics.render(counts), media_type="text/plain; version=0.0.4")
-
-
-# --- images -----------------------------------------------------------------------------------
-def _images(st: State) -> list[dict[str, Any]]:
-    from vmfork.images import list_images
-
-    return [{"name": i.digest[:16], "digest": i.digest, "dir": str(i.dir), "kernel_version": i.kernel_version}
-            for i in list_images(st.mgr.dd.images)]
-
-
-@router.get("/images", response_model=list[models.Image], tags=["images"], responses=responses(),
-            summary="Built guest images (pull comes with OCI images)")
-async def images(st: Dep) -> list[dict[str, Any]]:
-    return await blocking(st, _images, st)
 
 
 # --- snapshots --------------------------------------------------------------------------------

@@ -19,9 +19,10 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 def resolve(spec: dict[str, Any], *, env: Sequence[str] = (), workdir: str | None = None,
-            entrypoint: str | None = None, args: Sequence[str] | None = None) -> dict[str, Any]:
+            entrypoint: str | Sequence[str] | None = None, args: Sequence[str] | None = None) -> dict[str, Any]:
     """The main process: Docker's rules (``--entrypoint`` replaces Entrypoint and drops the
-    image's Cmd; ARGS replace Cmd; ``-e`` adds or replaces; ``-w`` replaces WorkingDir)."""
+    image's Cmd; ARGS replace Cmd; ``-e`` adds or replaces; ``-w`` replaces WorkingDir).
+    ``entrypoint`` is one command (the CLI's) or a list (the API's, as hypeman's)."""
     merged: dict[str, str] = {}
     for e in [*spec.get("env", []), *env]:
         k, sep, v = str(e).partition("=")
@@ -29,7 +30,10 @@ def resolve(spec: dict[str, Any], *, env: Sequence[str] = (), workdir: str | Non
             raise InvalidArgument(f"invalid environment variable {e!r}: use KEY=VALUE")
         merged.pop(k, None)
         merged[k] = v
-    ep = [entrypoint] if entrypoint is not None else list(spec.get("entrypoint", []))
+    if entrypoint is None:
+        ep = list(spec.get("entrypoint", []))
+    else:
+        ep = [entrypoint] if isinstance(entrypoint, str) else list(entrypoint)
     cmd = list(args) if args else ([] if entrypoint is not None else list(spec.get("cmd", [])))
     argv = [str(x) for x in ep + cmd]
     if not argv:

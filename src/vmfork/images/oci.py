@@ -15,7 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vmfork.errors import ExternalToolError, ImageError, InvalidArgument
+from vmfork.errors import (
+    ExternalToolError,
+    ImageError,
+    InvalidArgument,
+    NoSpace,
+    RegistryError,
+    RegistryNotFound,
+    WrongPlatform,
+)
 
 Progress = Callable[[str], None]
 
@@ -133,7 +141,27 @@ def copy_to_layout(src: str, layout: Path, progress: Progress, *, insecure: bool
         if auth:
             argv += ["--src-authfile", auth]
     argv += [src, f"oci:{layout}:{LAYOUT_TAG}"]
-    _run_streaming(argv, "skopeo", progress)
+    try:
+        _run_streaming(argv, "skopeo", progress)
+    except ExternalToolError as e:
+        if not src.startswith("docker://") or e.tool_message.endswith("(run 'make setup')"):
+            raise
+        raise registry_error(e.tool_message) from None
+
+
+# The registry's answers that mean "no such image" (Docker v2 / OCI distribution error codes).
+_NOT_FOUND = re.compile(r"manifest unknown|name unknown|no image found in manifest list|"
+                        r"\b404 \(Not Found\)", re.IGNORECASE)
+
+
+def registry_error(message: str) -> ExternalToolError | NoSpace:
+    """What a failed pull from a registry was: no such image (the caller's mistake), no
+    space here (ours), else the registry's failure (unreachable, refused, bad data)."""
+    if "no space left on device" in message:
+        return NoSpace(f"skopeo failed: {message}")
+    if _NOT_FOUND.search(message):
+        return RegistryNotFound("skopeo", message)
+    return RegistryError("skopeo", message)
 
 
 # -------------------------------------------------------------------- the layout
@@ -169,7 +197,7 @@ def read_layout(layout: Path) -> LayoutImage:
         raise ImageError(f"the pulled image is unreadable: {e}") from None
     plat = f"{config.get('os', '?')}/{config.get('architecture', '?')}"
     if plat != f"{OS}/{ARCH}":
-        raise ImageError(f"the image is for {plat}, not {OS}/{ARCH}: vmfork guests run {OS}/{ARCH}")
+        raise WrongPlatform(f"the image is for {plat}, not {OS}/{ARCH}: vmfork guests run {OS}/{ARCH}")
     return LayoutImage(str(desc["digest"]), manifest, config)
 
 

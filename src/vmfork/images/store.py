@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vmfork.errors import ImageError, NotFound, VmforkError
+from vmfork.errors import Busy, ImageError, NotFound, VmforkError
 from vmfork.images import oci
 from vmfork.images import rootfs as rootfs_mod
 from vmfork.util import atomic_write_json, fsync_dir, fsync_file, read_json
@@ -237,7 +237,7 @@ class Store:
             im = self.get(text)
             used = users(im.digest)
             if used:
-                raise ImageError(f"image '{text}' is used by {', '.join(used[:5])}"
+                raise Busy(f"image '{text}' is used by {', '.join(used[:5])}"
                                  + (f" and {len(used) - 5} more" if len(used) > 5 else "")
                                  + ": remove them first")
             refs = {r: d for r, d in self._refs().items() if d != im.digest}
