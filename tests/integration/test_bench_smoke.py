@@ -26,6 +26,10 @@ EXPECTED = {
     "fork_running_ms": "ms",
     "bare_restore_ms": "ms",
     "fork_host_over_bare_restore": "ratio",
+    "pool_claim_ms": "ms",
+    "pool_prestart_ms": "ms",
+    "pool_vmm_idle_pss_mib": "MiB",
+    "pool_claim_over_bare_restore": "ratio",
     "cli_fork_standby_ms": "ms",
     "inprocess_fork_standby_ms": "ms",
     "cli_overhead_ms": "ms",
@@ -93,3 +97,33 @@ def test_bench_smoke_writes_complete_results(tmp_path: Path):
     table = (out / "table.md").read_text()
     assert "fork_host_over_bare_restore" in table
     assert (out / "bench.png").stat().st_size > 1000
+
+
+def test_bench_only_runs_those_parts(tmp_path: Path):
+    """``--only breakdown,pool``: those parts' metrics and no others; the pooled VMM's guest
+    answered (the part raises otherwise); results go to OUT, no README is written."""
+    reason = vm_unavailable_reason() or loop_fs_unavailable_reason("xfs")
+    if reason:
+        pytest.skip(reason)
+    out = tmp_path / "out"
+    r = subprocess.run(
+        [sys.executable, "-m", "vmfork.bench", "--smoke", "--only", "breakdown,pool", "--out", str(out),
+         "--work", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    records = json.loads((out / "results.json").read_text())["records"]
+    metrics = {rec["metric"] for rec in records}
+    assert {"fork_host_over_bare_restore", "pool_claim_ms", "pool_claim_over_bare_restore"} <= metrics
+    assert not metrics & {"cli_startup_ms", "fork_standby_ms", "fanout_wall_ms", "vmm_pss_mib"}
+    for rec in records:
+        if rec["unit"] == "ratio":
+            assert rec["value"] == pytest.approx(recompute_ratio(records, rec), rel=1e-3, abs=1e-3)
+    assert not (out / "README.md").exists()
+
+
+def test_bench_only_refuses_an_unknown_part():
+    r = subprocess.run([sys.executable, "-m", "vmfork.bench", "--only", "breakdown,nope"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert "unknown part 'nope'" in r.stderr and "breakdown" in r.stderr

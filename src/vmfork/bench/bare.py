@@ -10,6 +10,7 @@ told).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
@@ -164,3 +165,77 @@ def bare_quit(p: subprocess.Popen[bytes], cwd: Path) -> None:
     except subprocess.TimeoutExpired:
         p.kill()
         p.wait()
+
+
+# --- a pool of pre-started VMMs: the prototype the bench measures ---------------------------
+FICLONE = 0x40049409
+
+
+@dataclass
+class Prestarted:
+    """A QEMU started ahead of any fork, in a staging dir on placeholder files, waiting in
+    ``-incoming defer`` with QMP negotiated."""
+
+    proc: subprocess.Popen[bytes]
+    qmp: RawQMP
+    start_s: float  # exec to ready: what a pool takes off a fork's critical path
+
+
+def prestart(argv: list[str], stage: Path, sizes: dict[str, int], timeout: float = 30.0) -> Prestarted:
+    """Start ``argv`` (ending in ``-incoming defer``) in ``stage`` on placeholder files of
+    ``sizes`` (name → bytes: the mem-file and the disk, sized as the fork's will be: QEMU
+    reads their sizes when it starts)."""
+    for d in ("run", "logs"):
+        (stage / d).mkdir(parents=True, exist_ok=True)
+    for name, size in sizes.items():
+        with open(stage / name, "wb") as f:
+            f.truncate(size)
+    sock = short_path(stage / "run" / "qmp.sock")
+    t0 = time.monotonic()
+    p = subprocess.Popen(argv, cwd=stage, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        q = RawQMP.connect(sock, t0 + timeout, alive=lambda: p.poll() is None)
+        q.execute("qmp_capabilities")
+    except BaseException:
+        p.kill()
+        p.wait()
+        raise
+    return Prestarted(p, q, time.monotonic() - t0)
+
+
+def claim(pre: Prestarted, stage: Path, final: Path, files: dict[str, Path], state: Path) -> BareRestore:
+    """Make the pre-started VMM a fork: clone each source file *into the inode QEMU already
+    holds open* (``FICLONE`` onto the placeholder: the fork's own inode, never the source's),
+    rename the staging dir to its final name (QEMU's cwd and sockets move with it), load the
+    device state, ``cont``. Timed from the first clone to the guest running."""
+    fd = os.open(state, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        t0 = time.monotonic()
+        for name, src in files.items():
+            sfd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+            dfd = os.open(stage / name, os.O_RDWR | os.O_CLOEXEC)
+            try:
+                fcntl.ioctl(dfd, FICLONE, sfd)
+            finally:
+                os.close(sfd)
+                os.close(dfd)
+        t_clone = time.monotonic()
+        os.rename(stage, final)
+        q = pre.qmp
+        q.execute("migrate-set-capabilities",
+                  {"capabilities": [{"capability": "x-ignore-shared", "state": True},
+                                    {"capability": "events", "state": True}]})
+        q.execute("getfd", {"fdname": "state"}, fds=[fd])
+        q.execute("migrate-incoming", {"uri": "fd:state"})
+        while True:
+            status = q.wait_event("MIGRATION").get("data", {}).get("status")
+            if status == "completed":
+                break
+            if status in ("failed", "cancelled"):
+                raise BareQMPError(f"incoming migration {status}")
+        q.execute("cont")
+        t1 = time.monotonic()
+    finally:
+        os.close(fd)
+    return BareRestore(load_s=t1 - t_clone, total_s=t1 - t0, pid=pre.proc.pid, phases={"clone_s": t_clone - t0})

@@ -20,7 +20,7 @@ from typing import Any
 
 from vmfork import util
 from vmfork.bench import probes
-from vmfork.bench.bare import bare_quit, bare_restore
+from vmfork.bench.bare import bare_quit, bare_restore, claim, prestart
 from vmfork.bench.density import density
 from vmfork.bench.stats import Record, median, ratio_record, record
 from vmfork.forkvm import clone_file
@@ -41,6 +41,20 @@ CONFIGS: dict[str, dict[str, str]] = {
     "qemu-default": {"VMFORK_QEMU_THP": "1", "VMFORK_COWEXTSIZE": "0"},
     "no-thp-only": {"VMFORK_QEMU_THP": "0", "VMFORK_COWEXTSIZE": "0"},
     "cowext-only": {"VMFORK_QEMU_THP": "1", "VMFORK_COWEXTSIZE": "4096"},
+}
+
+
+#: The parts of a run, in order (``--only`` picks some): name → method of ``Bench``.
+PARTS: dict[str, str] = {
+    "breakdown": "fork_breakdown",  # 1. fork to running vs a bare restore, per timing config
+    "cli": "cli_overhead",  # 1b/1c. vmfork fork as a command; CLI start-up
+    "memory": "fork_vs_memory",  # 2. fork vs guest memory, vs cp
+    "standby": "standby_cost",  # 3. standby cost vs dirtied memory
+    "fanout": "fanout",  # 4. N forks at once (+ the VMMs' memory)
+    "disk": "disk_per_fork",  # 5. disk per fork generation (+ 6. memory of running forks)
+    "confine": "confinement_cost",  # 7. confinement on/off
+    "pool": "pool_prototype",  # 1d. a pre-started VMM made a fork vs the bare restore
+    "density": "density_part",  # guest-RAM sharing of running forks, and the VMM's own PSS
 }
 
 
@@ -100,8 +114,9 @@ def ms(seconds: float) -> float:
 
 
 class Bench:
-    def __init__(self, plan: Plan, work: Path, say: Callable[[str], None]) -> None:
+    def __init__(self, plan: Plan, work: Path, say: Callable[[str], None], only: tuple[str, ...] = ()) -> None:
         self.plan = plan
+        self.only = only  # parts to run (PARTS); empty: all
         self.work = work
         self.say = say
         self.records: list[Record] = []
@@ -276,6 +291,71 @@ class Bench:
         self.add("bare_restore_phase_ms", bare_qmp, "ms", **prm, phase="spawn to QMP greeting")
         self.add("bare_restore_phase_ms", bare_load, "ms", **prm, phase="load+resume")
         self.ratio("fork_host_over_bare_restore", ours, floor, fs=fs, config=config)
+
+    def pool_prototype(self) -> None:
+        """Would a pool of pre-started VMMs pay? Alternating with the bare restore of the same
+        snapshot: a QEMU pre-started on placeholder files (vmfork's restore argv, unconfined
+        like the floor) is made a fork (clone into its open inodes, rename, load, cont); the
+        guest's agent must answer on it. Also the memory an idle pre-started VMM holds."""
+        fs = "xfs" if "xfs" in self.mounts else next(iter(self.mounts))
+        if fs != "xfs":
+            self.skip("pool prototype", "needs reflinks (FICLONE into the open placeholder)")
+            return
+        m = self.source(fs)
+        mnt = self.mounts[fs]
+        src = m.find("base")
+        snap = src.g.snapshot_latest
+        cfg = VMConfig.from_json({k: v for k, v in util.read_json(snap / "config.json").items() if k != "taken_at"})
+        image = m.image(cfg.image_digest)
+        hv = QemuHypervisor()
+        files = {"memory": snap / "memory", "disk.raw": src.g.disk}
+        sizes = {k: v.stat().st_size for k, v in files.items()}
+        bare, pooled, pclone, start, pss, uss = [], [], [], [], [], []
+        self.say(f"[1d] pool prototype on {fs} ({self.plan.breakdown_runs} runs)")
+        from vmfork.guest.agent import AgentClient
+
+        for i in range(self.plan.breakdown_runs):
+            b = mnt / f"bare-{i}"
+            (b / "run").mkdir(parents=True)
+            (b / "logs").mkdir()
+            clone_file(snap / "memory", b / "memory")
+            clone_file(src.g.disk, b / "disk.raw")
+            os.sync()
+            cfg.id = f"bare{i}"
+            r, p = bare_restore(hv.argv(cfg, image, incoming=True), b, snap / "state")
+            bare.append(ms(r.total_s))
+            bare_quit(p, b)
+            shutil.rmtree(b)
+            stage, final = mnt / f"pool-stage-{i}", mnt / f"pooled-{i}"
+            cfg.id = f"pooled{i}"
+            pre = prestart(hv.argv(cfg, image, incoming=True), stage, sizes)
+            try:
+                os.sync()
+                time.sleep(0.5)  # settled: what it holds while it waits
+                rollup = probes.smaps_rollup(pre.proc.pid)
+                pss.append(rollup.get("Pss", 0) / MiB)
+                uss.append((rollup.get("Private_Clean", 0) + rollup.get("Private_Dirty", 0)) / MiB)
+                start.append(ms(pre.start_s))
+                r = claim(pre, stage, final, files, snap / "state")
+                pooled.append(ms(r.total_s))
+                pclone.append(ms(r.phases["clone_s"]))
+                if os.stat(final / "memory").st_ino == os.stat(snap / "memory").st_ino:
+                    raise RuntimeError("pooled fork runs on its source's mem-file")
+                with AgentClient.connect_unix(final / "run" / "agent.sock", 30) as a:
+                    a.ping()
+            finally:
+                pre.qmp.close()
+                bare_quit(pre.proc, final if final.exists() else stage)
+                shutil.rmtree(final, ignore_errors=True)
+                shutil.rmtree(stage, ignore_errors=True)
+        prm = {"fs": fs, "guest_mib": self.plan.base_mib}
+        floor = self.add("bare_restore_ms", bare, "ms", **prm, how="pool comparison")
+        claim_rec = self.add("pool_claim_ms", pooled, "ms", **prm)
+        self.add("pool_claim_clone_ms", pclone, "ms", **prm)
+        self.add("pool_prestart_ms", start, "ms", **prm)
+        self.add("pool_vmm_idle_pss_mib", pss, "MiB", **prm)
+        self.add("pool_vmm_idle_uss_mib", uss, "MiB", **prm)
+        self.ratio("pool_claim_over_bare_restore", claim_rec, floor, fs=fs)
 
     def cli_overhead(self) -> None:
         """``vmfork fork`` as a command against the same call in-process (fork to standby)."""
@@ -580,6 +660,9 @@ class Bench:
         for j, what in enumerate(("fork_host", "fork_running", "boot")):
             self.ratio(f"confine_{what}_on_over_off", recs["on"][j], recs["off"][j], **prm)
 
+    def density_part(self) -> None:
+        density(self)
+
     # --- whole run ----------------------------------------------------------------------------
     def run(self) -> None:
         self.host = probes.host_facts(QemuHypervisor().version())
@@ -598,15 +681,14 @@ class Bench:
             if not self.mounts:
                 raise RuntimeError("no filesystem to measure on: " + "; ".join(self.skipped))
             stack.callback(self.cleanup)
-            for config in self.plan.timing_configs:
-                self.fork_breakdown(config)
-            self.cli_overhead()
-            self.fork_vs_memory()
-            self.standby_cost()
-            self.fanout()
-            self.disk_per_fork()
-            self.confinement_cost()
-            density(self)
+            for part in PARTS:
+                if self.only and part not in self.only:
+                    continue
+                if part == "breakdown":
+                    for config in self.plan.timing_configs:
+                        self.fork_breakdown(config)
+                else:
+                    getattr(self, PARTS[part])()
         for (config, mib), v in sorted(self.boots.items()):
             self.add("boot_ms", v, "ms", config=config, guest_mib=mib)
         for (config, mib), v in sorted(self.boot_cpu.items()):
@@ -638,4 +720,4 @@ def medians_by(records: list[Record], metric: str, key: str, **params: Any) -> d
     return out
 
 
-__all__ = ["CONFIGS", "Bench", "Plan", "median", "medians_by"]
+__all__ = ["CONFIGS", "PARTS", "Bench", "Plan", "median", "medians_by"]

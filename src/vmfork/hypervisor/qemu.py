@@ -61,15 +61,28 @@ BOOT_TRIM = ("cryptomgr.notests", "audit=0",
              "initcall_blacklist=crypto_kdf108_init,init_kprobe_trace,trace_eval_init")
 
 
-#: TCG's translated-code buffer (MiB). QEMU 7.2 reserves 1 GiB and touches what it fills,
-#: which grew to 6-14 MiB of every fork's own memory; a full buffer is flushed and code is
-#: translated again. VMFORK_TCG_TB_MIB overrides it (0: QEMU's default).
+#: TCG's translated-code buffer (MiB). QEMU 7.2 reserves 1 GiB and touches what it fills:
+#: 4 MiB in an idle fork, 18 MiB after a process-churning workload. A full buffer is flushed
+#: and all code translated again, so a buffer below the working set thrashes: 200 rounds of
+#: `ls; cat /proc/cpuinfo` in a 256 MiB guest took 82 s at 8 MiB and 147 s at 4 MiB against
+#: 2-11 s at 16, 32 MiB and the default (md5sum of 64 MiB: no difference). So the default
+#: stays QEMU's. VMFORK_TCG_TB_MIB overrides it (0: QEMU's default); docs/bench/README.md.
 TCG_TB_MIB = 0
 
 
 def tcg_tb_mib() -> int:
     v = os.environ.get("VMFORK_TCG_TB_MIB", "")
     return int(v) if v.isdigit() else TCG_TB_MIB
+
+
+def boot_args(image: Image, cmdline: str) -> list[str]:
+    """What only a cold boot needs: the kernel, initramfs and command line (fw_cfg).
+
+    A restore leaves them out: the guest's kernel is in its RAM already (nothing reads
+    fw_cfg after the boot), and QEMU would otherwise keep a private mapping of ``vmlinux`` in
+    every fork for nothing (0.06-2.0 MiB PSS, what fault-around mapped of its page cache).
+    """
+    return ["-kernel", str(image.vmlinux), "-initrd", str(image.initramfs), "-append", cmdline]
 
 
 class QemuHypervisor(Hypervisor):
@@ -147,8 +160,7 @@ class QemuHypervisor(Hypervisor):
             "-smp", str(cfg.vcpus), "-m", mem,
             "-object", f"memory-backend-file,id=mem,size={mem},{backing}",
             "-M", "microvm,x-option-roms=off,pit=off,pic=off,isa-serial=on,rtc=on,memory-backend=mem",
-            "-kernel", str(image.vmlinux), "-initrd", str(image.initramfs),
-            "-append", cfg.cmdline,
+            *(boot_args(image, cfg.cmdline) if not incoming else []),
             "-chardev", "file,id=con,path=logs/console.log,append=on", "-serial", "chardev:con",
             "-device", "virtio-rng-device",  # no RDRAND under TCG: getrandom() would block at boot
             "-device", "virtio-serial-device",
