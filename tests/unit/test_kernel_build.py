@@ -112,3 +112,19 @@ def test_cached_kernel_matches_its_recipe() -> None:
     build.builtin_modules(build.parse_kconfig(built.config))
     with open(built.vmlinux, "rb") as f:
         assert kern.has_pvh_note(f.read())
+
+
+def test_qemu_boots_the_source_kernel_without_acpi(tmp_path: Path) -> None:
+    """The source kernel has no PCI, so ACPI cannot load microvm's tables: its machine gets
+    acpi=off (virtio-mmio devices on the command line, MP table); Debian's keeps ACPI."""
+    from vmfork.hypervisor.base import VMConfig
+    from vmfork.hypervisor.qemu import QemuHypervisor
+    from vmfork.images import Image
+
+    cfg = VMConfig("qemu", 256, 1, "tcg", "d" * 64, "console=ttyS0")
+    for kernel, acpi_off in (("source", True), ("debian", False), (None, False)):
+        im = Image("d" * 64, tmp_path, "k", {"kernel": kernel} if kernel else {})
+        argv = QemuHypervisor("qemu-system-x86_64").argv(cfg, im)
+        machine = argv[argv.index("-M") + 1]
+        assert machine.startswith("microvm,")
+        assert ("acpi=off" in machine.split(",")) == acpi_off, (kernel, machine)

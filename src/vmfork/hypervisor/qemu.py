@@ -121,7 +121,8 @@ class QemuHypervisor(Hypervisor):
             "-no-user-config", "-nodefaults", "-display", "none", "-no-reboot",
             "-smp", str(cfg.vcpus), "-m", mem,
             "-object", f"memory-backend-file,id=mem,size={mem},{backing}",
-            "-M", "microvm,x-option-roms=off,pit=off,pic=off,isa-serial=on,rtc=on,memory-backend=mem",
+            "-M", "microvm,x-option-roms=off,pit=off,pic=off,isa-serial=on,rtc=on,memory-backend=mem"
+                  + (",acpi=off" if image.manifest.get("kernel") == "source" else ""),
             "-kernel", str(image.vmlinux), "-initrd", str(image.initramfs),
             "-append", cfg.cmdline,
             "-chardev", "file,id=con,path=logs/console.log,append=on", "-serial", "chardev:con",
