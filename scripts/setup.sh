@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 PKGS=(qemu-system-x86 qemu-utils busybox-static xfsprogs btrfs-progs e2fsprogs cpio musl-tools
       lz4 zstd xz-utils binutils util-linux ca-certificates curl
       iproute2 nftables  # networking (vmfork run --network)
-      skopeo umoci erofs-utils debootstrap docker-registry tar)  # OCI images (vmfork image ...)
+      skopeo umoci erofs-utils debootstrap docker-registry tar  # OCI images (vmfork image ...)
+      make gcc flex bison bc libelf-dev libssl-dev)  # the guest kernel, built from Debian's source
 
 missing=()
 for p in "${PKGS[@]}"; do
@@ -87,4 +88,8 @@ PY
 fi
 # QEMU 10.0.2 (Debian bookworm-backports) into .tools/qemu/, pinned: see the script.
 scripts/fetch-qemu.sh
+# The guest kernel built from Debian's linux-source package with vmfork's config, only where
+# VMFORK_KERNEL=source selects it (the default is Debian's cloud kernel): minutes, once, cached
+# in ~/.cache/vmfork/kernels; here rather than in the first `vmfork run`.
+.venv/bin/python -m vmfork.images.kernel_build | sed 's/^/setup: /'
 echo "setup: ok ($(.venv/bin/vmfork --version); $($TOOLS/firecracker --version 2>/dev/null | head -1); $(.tools/qemu/usr/bin/qemu-system-x86_64 --version 2>/dev/null | head -1))"

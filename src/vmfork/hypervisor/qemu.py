@@ -159,7 +159,8 @@ class QemuHypervisor(Hypervisor):
             "-no-user-config", "-nodefaults", "-display", "none", "-no-reboot",
             "-smp", str(cfg.vcpus), "-m", mem,
             "-object", f"memory-backend-file,id=mem,size={mem},{backing}",
-            "-M", "microvm,x-option-roms=off,pit=off,pic=off,isa-serial=on,rtc=on,memory-backend=mem",
+            "-M", "microvm,x-option-roms=off,pit=off,pic=off,isa-serial=on,rtc=on,memory-backend=mem"
+                  + (",acpi=off" if image.manifest.get("kernel") == "source" else ""),
             *(boot_args(image, cfg.cmdline) if not incoming else []),
             "-chardev", "file,id=con,path=logs/console.log,append=on", "-serial", "chardev:con",
             "-device", "virtio-rng-device",  # no RDRAND under TCG: getrandom() would block at boot

@@ -183,7 +183,8 @@ def ensure_image(images_dir: Path, progress: Callable[[str], None] | None = None
         if final.exists():  # an incomplete image: rebuild it
             say(f"removing incomplete image {final.name}")
             shutil.rmtree(final)
-        say(f"building image {digest[:DIGEST_DIR_LEN]} (kernel {inputs.kernel.kernel_version})")
+        kernel = "built from Debian's source" if inputs.built_kernel else inputs.kernel.kernel_version
+        say(f"building image {digest[:DIGEST_DIR_LEN]} (kernel {kernel})")
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=images_dir))
         try:
             manifest = _build.build_into(tmp, inputs, say)

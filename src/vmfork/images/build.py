@@ -108,21 +108,36 @@ class LocalInputs:
         return sha256_bytes(json.dumps(self.as_dict(), sort_keys=True).encode())
 
 
+#: VMFORK_KERNEL: "source" builds the guest kernel from Debian's kernel source package
+#: (vmfork.images.kernel_build: small config, everything built in, cached); "debian" takes
+#: Debian's cloud kernel package as it is, with its modules.
+KERNELS = ("source", "debian")
+DEFAULT_KERNEL = "debian"
+
+
+def kernel_choice() -> str:
+    v = os.environ.get("VMFORK_KERNEL", "").strip().lower() or DEFAULT_KERNEL
+    if v not in KERNELS:
+        raise ImageError(f"VMFORK_KERNEL={v!r} is not one of: {', '.join(KERNELS)}")
+    return v
+
+
 @dataclass(frozen=True)
 class Inputs:
     local: LocalInputs
-    kernel: kern.KernelPackage
+    kernel: kern.KernelPackage  # the Debian package; for "source", the one the config starts from
+    built_kernel: str | None = None  # kernel_build.recipe_key() when built from source
 
     @property
     def digest(self) -> str:
-        doc = {
-            **self.local.as_dict(),
-            "kernel": {
-                "package": self.kernel.name,
-                "version": self.kernel.version,
-                "sha256": self.kernel.sha256,
-            },
+        kernel: dict[str, str] = {
+            "package": self.kernel.name,
+            "version": self.kernel.version,
+            "sha256": self.kernel.sha256,
         }
+        if self.built_kernel is not None:
+            kernel = {"built_from_source": self.built_kernel}
+        doc = {**self.local.as_dict(), "kernel": kernel}
         return sha256_bytes(json.dumps(doc, sort_keys=True).encode())
 
 
@@ -161,6 +176,10 @@ def local_inputs() -> LocalInputs:
 
 
 def resolve_inputs() -> Inputs:
+    if kernel_choice() == "source":  # pinned: needs no apt lists to resolve
+        from vmfork.images import kernel_build
+
+        return Inputs(local_inputs(), kernel_build.BASE, kernel_build.recipe_key())
     return Inputs(
         local_inputs(), kern.resolve_kernel_package_cached(cache_dir() / "kernel-package.json")
     )
@@ -281,6 +300,20 @@ def collect_modules(modroot: Path, config: dict[str, str]) -> ModuleSet:
         visit(name, symbol, None)
         lazy[name] = order[n:]
     return ModuleSet(boot, files, builtins, lazy)
+
+
+def builtin_modules(config: dict[str, str]) -> ModuleSet:
+    """A kernel without modules: each needed driver must be built in (PCI ones only with PCI)."""
+    builtins: list[str] = []
+    missing: list[str] = []
+    for name, symbol in (*MODULES, *LAZY_MODULES):
+        if config.get(symbol) == "y":
+            builtins.append(name)
+        elif not (symbol.startswith("CONFIG_VIRTIO_PCI") and config.get("CONFIG_PCI") != "y"):
+            missing.append(f"{symbol} ({name})")
+    if missing:
+        raise ImageError(f"the kernel has modules off but lacks built-in {', '.join(missing)}")
+    return ModuleSet([], {}, builtins, {})
 
 
 def check_kernel_config(config: dict[str, str], kver: str) -> None:
@@ -439,15 +472,10 @@ def allocated_bytes(path: Path) -> int:
 # --------------------------------------------------------------------- build
 
 
-def build_into(dest: Path, inputs: Inputs, progress: Progress = _noop) -> dict[str, object]:
-    """Build every image file into the empty dir ``dest``; returns the manifest."""
-    t0 = time.monotonic()
-    digest = inputs.digest
-    pkg = inputs.kernel
+def _debian_kernel(dest: Path, pkg: kern.KernelPackage, work: Path,
+                   progress: Progress) -> tuple[ModuleSet, str]:
+    """Debian's kernel package: vmlinux and bzImage into ``dest``; its modules."""
     kver = pkg.kernel_version
-    work = dest / "work"
-    work.mkdir()
-
     debs = cache_dir() / "debs"
     cached = (debs / pkg.deb_name).exists()
     progress(f"kernel: {'checking cached' if cached else 'downloading'} {pkg.deb_name}")
@@ -475,7 +503,38 @@ def build_into(dest: Path, inputs: Inputs, progress: Progress = _noop) -> dict[s
     del elf, bzimage
 
     progress("kernel: collecting modules")
-    modules = collect_modules(modroot, config)
+    return collect_modules(modroot, config), compression
+
+
+def build_into(dest: Path, inputs: Inputs, progress: Progress = _noop) -> dict[str, object]:
+    """Build every image file into the empty dir ``dest``; returns the manifest."""
+    t0 = time.monotonic()
+    digest = inputs.digest
+    pkg = inputs.kernel
+    kver = pkg.kernel_version
+    work = dest / "work"
+    work.mkdir()
+
+    if inputs.built_kernel is not None:
+        from vmfork.images import kernel_build
+
+        built = kernel_build.ensure_kernel(progress)
+        if built.key != inputs.built_kernel:
+            raise ImageError("the kernel recipe changed during the image build; build again")
+        kver = built.release
+        config = parse_kconfig(built.config)
+        check_kernel_config(config, kver)
+        shutil.copyfile(built.vmlinux, dest / VMLINUX)
+        shutil.copyfile(built.bzimage, dest / BZIMAGE)
+        compression = "none (built from source)"
+        modules = builtin_modules(config)
+        source: dict[str, object] = {"kernel_source": {
+            "package": kernel_build.SOURCE.name, "version": kernel_build.SOURCE.version,
+            "sha256": kernel_build.SOURCE.sha256, "recipe_key": built.key,
+            "build_seconds": built.build_seconds}}
+    else:
+        modules, compression = _debian_kernel(dest, pkg, work, progress)
+        source = {}
 
     progress("agent: compiling")
     compiler = compile_agent(dest / AGENT)
@@ -504,10 +563,12 @@ def build_into(dest: Path, inputs: Inputs, progress: Progress = _noop) -> dict[s
         "local_inputs_digest": inputs.local.digest,
         "recipe_version": RECIPE_VERSION,
         "kernel_version": kver,
+        "kernel": "source" if inputs.built_kernel is not None else "debian",
         "kernel_package": pkg.name,
         "kernel_package_version": pkg.version,
         "kernel_compression": compression,
         "deb": {"name": pkg.deb_name, "sha256": pkg.sha256},
+        **source,
         "busybox_version": inputs.local.busybox_version,
         "busybox_sha256": inputs.local.busybox_sha256,
         "guest_files": inputs.local.guest_files,

@@ -33,6 +33,7 @@ class KernelPackage:
     version: str  # Debian version, e.g. 6.1.192-2
     sha256: str  # of the .deb, from the apt lists
     filename: str  # pool path from the apt lists
+    arch: str = "amd64"
 
     @property
     def kernel_version(self) -> str:
@@ -40,7 +41,7 @@ class KernelPackage:
 
     @property
     def deb_name(self) -> str:
-        return f"{self.name}_{self.version.replace(':', '%3a')}_amd64.deb"
+        return f"{self.name}_{self.version.replace(':', '%3a')}_{self.arch}.deb"
 
 
 def _run(argv: list[str], tool: str, cwd: Path | None = None) -> str:
