@@ -356,6 +356,11 @@ class QemuHypervisor(Hypervisor):
                 with self._qmp(g, proc) as q:
                     t_qmp = time.monotonic()
                     q.set_migration_capabilities()
+                    if cfg.tap:
+                        # No self-announce after the load: each instance's TAP is its own, in its own
+                        # namespace, with the same guest MAC (nothing to re-learn), and the guest
+                        # answering it (virtio-net GUEST_ANNOUNCE) delayed its agent by ~40 ms under TCG.
+                        q.execute("migrate-set-parameters", {"announce-rounds": 0})
                     q.pass_fd(fd, "vmfork-state")
                     q.execute("migrate-incoming", {"uri": "fd:vmfork-state"})
                     q.wait_migration()  # loaded; -S keeps the guest paused until 'cont'
