@@ -15,9 +15,10 @@ WebSocket protocol of ``/instances/{id}/exec/ws``:
   (1 stdout, 2 stderr), then a text ``{"type": "exit", "exit_code": N, "timed_out": B,
   "signal": S|null}`` or ``{"type": "error", "code": ..., "detail": ...}``, and closes;
 - a client that goes away (or sends a malformed message: an ``error`` answers it) ends
-  the guest command: it is killed, with or without a tty. One limit: while the command
-  does not read its stdin and the client's unread stdin fills the window, the server does
-  not read the socket, so it sees the client go only once the command reads or exits.
+  the guest command: it is killed, with or without a tty. While the command does not read
+  its stdin and the client's unread stdin fills the window, the server does not read the
+  socket (so it cannot see the client go there): it sends an empty binary message every
+  ``PROBE_S`` seconds instead, which fails once the client is gone (clients ignore it).
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ STDOUT, STDERR = 1, 2
 MAX_PENDING_STDIN = 1 << 20
 # output per WebSocket message (the guest agent sends 64 KiB chunks; a frame may hold 16 MiB)
 OUTPUT_MESSAGE = 64 << 10
+# seconds between two empty messages to the client while its stdin waits for the command
+# (the window is full): a client that went away is seen at the second or third
+PROBE_S = 2.0
 
 
 class ExecStart(models.ExecRequest):
@@ -153,6 +157,11 @@ async def exec_(id: str, body: models.ExecRequest, st: Dep, request: Request,
 @router.websocket("/instances/{id}/exec/ws")
 async def exec_ws(ws: WebSocket, id: str) -> None:
     st: State = ws.app.state.vmfork
+    with st.metrics.exec_stream():
+        await _exec_ws(ws, st, id)
+
+
+async def _exec_ws(ws: WebSocket, st: State, id: str) -> None:
     await ws.accept()
 
     async def fail(code: str, detail: str) -> None:
@@ -256,7 +265,10 @@ async def _feed(ws: WebSocket, st: State, pipe: asyncio.Future[ExecStdin] | None
                 data = msg["bytes"]
                 while pending > MAX_PENDING_STDIN:  # the command is not reading: neither do we
                     room.clear()
-                    await room.wait()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(room.wait(), PROBE_S)
+                        continue
+                    await ws.send_bytes(b"")  # WebSocketDisconnect once the client is gone
                 pending += len(data)
                 todo.put_nowait(("data", data))
                 continue

@@ -30,6 +30,17 @@ class Metrics:
         self._lock = threading.Lock()
         self.latency: dict[tuple[str, str], Histogram] = {}  # (operation, outcome)
         self.requests: dict[tuple[str, int], int] = {}  # (method, status)
+        self.exec_streams = 0  # WebSocket execs whose server task runs
+
+    @contextmanager
+    def exec_stream(self) -> Iterator[None]:
+        with self._lock:
+            self.exec_streams += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.exec_streams -= 1
 
     @contextmanager
     def timed(self, op: str) -> Iterator[None]:
@@ -62,6 +73,8 @@ class Metrics:
                 out.append(f'vmfork_operation_seconds_bucket{{{labels},le="+Inf"}} {h.total}')
                 out.append(f"vmfork_operation_seconds_sum{{{labels}}} {h.sum:.6f}")
                 out.append(f"vmfork_operation_seconds_count{{{labels}}} {h.total}")
+            out += ["# HELP vmfork_exec_streams WebSocket execs open (their server task runs).",
+                    "# TYPE vmfork_exec_streams gauge", f"vmfork_exec_streams {self.exec_streams}"]
             out += ["# HELP vmfork_http_requests_total HTTP requests answered.",
                     "# TYPE vmfork_http_requests_total counter"]
             out += [f'vmfork_http_requests_total{{method="{m}",status="{s}"}} {n}'
