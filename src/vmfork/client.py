@@ -21,7 +21,9 @@ import builtins
 import contextlib
 import json
 import os
+import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -35,6 +37,7 @@ T = TypeVar("T")
 DEFAULT_TIMEOUT = 900.0
 MAX_WS_MESSAGE = 1 << 20  # the largest WebSocket message taken from the server (output: <= 64 KiB + 1)
 STDIN_MESSAGE = 64 << 10  # stdin per WebSocket message sent
+CLOSE_WAIT = 2.0  # seconds an exec session waits to send its close message
 
 
 class APIError(errors.VmforkError):
@@ -159,6 +162,49 @@ def _exec_body(argv: list[str] | str, stdin: bytes | str, env: dict[str, str] | 
     else:
         body["stdin"] = stdin
     return body
+
+
+def _interactive_body(argv: list[str] | str, *, tty: bool, rows: int, cols: int, stdin: bytes,
+                      env: dict[str, str] | None, cwd: str | None, timeout: float | None) -> dict[str, Any]:
+    """The first message of an interactive exec over ``/instances/{id}/exec/ws``."""
+    return _exec_body(argv, stdin, env, cwd, timeout) | {"stream_stdin": True, "tty": tty, "rows": rows,
+                                                        "cols": cols}
+
+
+# The client's side of the exec WebSocket (see api/exec_routes.py), shared by ExecSession and
+# AsyncExecSession: what to send, and what a received message means.
+EOF_MESSAGE = json.dumps({"type": "eof"})
+
+
+def _stdin_messages(data: bytes | str) -> Iterator[bytes]:
+    raw = data.encode() if isinstance(data, str) else data
+    for i in range(0, len(raw), STDIN_MESSAGE):
+        yield raw[i:i + STDIN_MESSAGE]
+
+
+def _resize_message(rows: int, cols: int) -> str:
+    return json.dumps({"type": "resize", "rows": rows, "cols": cols})
+
+
+def _closed_early() -> AgentError:
+    return AgentError(0, "agent_error", "the exec stream closed before its exit")
+
+
+def _decode_output(data: object) -> tuple[str, bytes] | dict[str, Any] | None:
+    """A received message: output ``(stream, bytes)``, the final exit message (a dict), or
+    None for what is not part of the exec (a ping, an empty output message). An ``error``
+    message is raised as its APIError."""
+    if isinstance(data, bytes | bytearray):
+        if len(data) < 2:
+            return None
+        return ("stdout" if data[:1] == b"\x01" else "stderr"), bytes(data[1:])
+    if isinstance(data, str):
+        final: dict[str, Any] = json.loads(data)
+        if final.get("type") == "error":
+            code = str(final.get("code", "internal"))
+            raise ERRORS.get(code, APIError)(0, code, str(final.get("detail")), final)
+        return final
+    return None
 
 
 # --- sync -------------------------------------------------------------------------------------
@@ -295,8 +341,8 @@ class Instance:
         """Start ``argv`` with its stdin open (``tty``: on a PTY of ``rows`` x ``cols``):
         ``send`` / ``close_stdin`` / ``resize`` while ``recv`` (or iterating) reads its output;
         ``wait`` returns the exit. Closing the session before it exits kills the command."""
-        body = _exec_body(argv, stdin, env, cwd, timeout) | {"stream_stdin": True, "tty": tty, "rows": rows,
-                                                            "cols": cols}
+        body = _interactive_body(argv, tty=tty, rows=rows, cols=cols, stdin=stdin, env=env, cwd=cwd,
+                                 timeout=timeout)
         return ExecSession(self.client, self._path("/exec/ws"), body)
 
     def read_file(self, path: str) -> bytes:
@@ -348,17 +394,16 @@ class ExecSession:
 
     def send(self, data: bytes | str) -> None:
         """More stdin for the command (sent as it reads it: this blocks while it does not)."""
-        raw = data.encode() if isinstance(data, str) else data
-        for i in range(0, len(raw), STDIN_MESSAGE):
-            self._ws.send_bytes(raw[i:i + STDIN_MESSAGE])
+        for message in _stdin_messages(data):
+            self._ws.send_bytes(message)
 
     def close_stdin(self) -> None:
         """End of stdin (on a tty: the VEOF character, ^D)."""
-        self._ws.send_text(json.dumps({"type": "eof"}))
+        self._ws.send_text(EOF_MESSAGE)
 
     def resize(self, rows: int, cols: int) -> None:
         """The terminal's new size (a tty exec; the command gets SIGWINCH)."""
-        self._ws.send_text(json.dumps({"type": "resize", "rows": rows, "cols": cols}))
+        self._ws.send_text(_resize_message(rows, cols))
 
     def recv(self, timeout: float | None = None) -> tuple[str, bytes] | None:
         """The next output, ``("stdout" | "stderr", bytes)``, or None once the command has
@@ -367,25 +412,21 @@ class ExecSession:
 
         from httpx_ws import WebSocketDisconnect
 
-        if self.result is not None:
-            return None
-        try:
-            msg = self._ws.receive(timeout)
-        except queue.Empty:
-            raise TimeoutError("no output from the command yet") from None
-        except WebSocketDisconnect:
-            raise AgentError(0, "agent_error", "the exec stream closed before its exit") from None
-        data = getattr(msg, "data", None)
-        if isinstance(data, bytes | bytearray):
-            return ("stdout" if data[:1] == b"\x01" else "stderr"), bytes(data[1:])
-        if isinstance(data, str):
-            final: dict[str, Any] = json.loads(data)
-            if final.get("type") == "error":
-                code = str(final.get("code", "internal"))
-                raise ERRORS.get(code, APIError)(0, code, str(final.get("detail")), final)
-            self.result = final
-            return None
-        return self.recv(timeout)  # a ping or the like
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.result is None:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                msg = self._ws.receive(left)
+            except queue.Empty:
+                raise TimeoutError("no output from the command yet") from None
+            except WebSocketDisconnect:
+                raise _closed_early() from None
+            event = _decode_output(getattr(msg, "data", None))
+            if isinstance(event, dict):
+                self.result = event
+            elif event is not None:
+                return event
+        return None
 
     def __iter__(self) -> Iterator[tuple[str, bytes]]:
         while (event := self.recv()) is not None:
@@ -402,7 +443,19 @@ class ExecSession:
         return self.result
 
     def close(self) -> None:
-        """Disconnect: a command still running is killed in the guest."""
+        """Disconnect: a command still running is killed in the guest. The close message is
+        not waited for more than CLOSE_WAIT s (a ``send`` blocked while the command reads no
+        stdin holds the socket): the connection is then dropped at once."""
+        def close_message() -> None:
+            with contextlib.suppress(Exception):
+                self._ws.close()
+
+        closer = threading.Thread(target=close_message, daemon=True, name="vmfork-exec-close")
+        closer.start()
+        closer.join(CLOSE_WAIT)
+        if closer.is_alive():  # shutdown, not close: that would not wake the blocked send
+            with contextlib.suppress(Exception):
+                self._ws.stream.get_extra_info("socket").shutdown(socket.SHUT_RDWR)
         with contextlib.suppress(Exception):
             self._cm.__exit__(None, None, None)
 
@@ -621,12 +674,119 @@ class AsyncInstance:
         return models.ExecResult.model_validate(await self.client.json(
             "POST", self._path("/exec"), json=_exec_body(argv, stdin, env, cwd, timeout)))
 
+    def exec_interactive(self, argv: list[str] | str, *, tty: bool = False, rows: int = 0, cols: int = 0,
+                         stdin: bytes = b"", env: dict[str, str] | None = None, cwd: str | None = None,
+                         timeout: float | None = None) -> AsyncExecSession:
+        """Start ``argv`` with its stdin open (``tty``: on a PTY of ``rows`` x ``cols``), as an
+        async context manager: ``await s.write(b)`` / ``close_stdin`` / ``resize`` while
+        ``async for stream, data in s`` reads its output; ``await s.wait()`` returns the exit
+        code. Leaving the block before it exits (or being cancelled) kills the command."""
+        body = _interactive_body(argv, tty=tty, rows=rows, cols=cols, stdin=stdin, env=env, cwd=cwd,
+                                 timeout=timeout)
+        return AsyncExecSession(self.client, self._path("/exec/ws"), body)
+
     async def read_file(self, path: str) -> bytes:
         return (await self.client.request("GET", self._path("/files"), params={"path": path})).content
 
     async def write_file(self, path: str, data: bytes) -> None:
         await self.client.request("PUT", self._path("/files"), params={"path": path}, content=data,
                                   headers={"content-type": "application/octet-stream"})
+
+
+class AsyncExecSession:
+    """The asyncio form of :class:`ExecSession` (see :meth:`AsyncInstance.exec_interactive`):
+    one task may ``write`` while another reads the output. Use it as ``async with``, in one
+    task (the connection's background tasks live in it)."""
+
+    def __init__(self, client: AsyncClient, path: str, body: dict[str, Any]) -> None:
+        self._client, self._path, self._body = client, path, body
+        self._cm: Any = None
+        self._ws: Any = None
+        self.result: dict[str, Any] | None = None  # the final exit message, once received
+
+    async def __aenter__(self) -> AsyncExecSession:
+        from httpx_ws import aconnect_ws
+
+        cm: Any = aconnect_ws(self._path, self._client.http, max_message_size_bytes=MAX_WS_MESSAGE)
+        try:
+            self._ws = await cm.__aenter__()
+        except httpx.TransportError as e:
+            raise _unreachable(str(self._client.http.base_url), e) from None
+        self._cm = cm
+        try:
+            await self._ws.send_text(json.dumps(self._body))
+        except BaseException:
+            await self.aclose()
+            raise
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.aclose()
+
+    async def write(self, data: bytes | str) -> None:
+        """More stdin for the command (sent as it reads it: this waits while it does not)."""
+        for message in _stdin_messages(data):
+            await self._ws.send_bytes(message)
+
+    async def close_stdin(self) -> None:
+        """End of stdin (on a tty: the VEOF character, ^D)."""
+        await self._ws.send_text(EOF_MESSAGE)
+
+    async def resize(self, rows: int, cols: int) -> None:
+        """The terminal's new size (a tty exec; the command gets SIGWINCH)."""
+        await self._ws.send_text(_resize_message(rows, cols))
+
+    async def recv(self, timeout: float | None = None) -> tuple[str, bytes] | None:
+        """The next output, ``("stdout" | "stderr", bytes)``, or None once the command has
+        exited (``result`` then holds the exit). Raises TimeoutError after ``timeout`` s."""
+        import anyio
+        from httpx_ws import WebSocketDisconnect
+
+        with anyio.fail_after(timeout):
+            while self.result is None:
+                try:
+                    msg = await self._ws.receive()
+                except WebSocketDisconnect:
+                    raise _closed_early() from None
+                event = _decode_output(getattr(msg, "data", None))
+                if isinstance(event, dict):
+                    self.result = event
+                elif event is not None:
+                    return event
+        return None
+
+    def __aiter__(self) -> AsyncExecSession:
+        return self
+
+    async def __anext__(self) -> tuple[str, bytes]:
+        event = await self.recv()
+        if event is None:
+            raise StopAsyncIteration
+        return event
+
+    async def wait(self) -> int:
+        """Read the rest of the output (dropped: iterate to get it) and return the exit code
+        (the whole exit message is ``result``)."""
+        async for _ in self:
+            pass
+        assert self.result is not None
+        return int(self.result["exit_code"])
+
+    async def aclose(self) -> None:
+        """Disconnect: a command still running is killed in the guest. The close message is
+        not waited for while the server reads no stdin (the command does not read it)."""
+        import anyio
+
+        cm, self._cm = self._cm, None
+        if cm is None:
+            return
+        with contextlib.suppress(Exception):
+            with anyio.move_on_after(CLOSE_WAIT, shield=True) as scope:
+                await self._ws.close()
+            if scope.cancelled_caught:  # the close message did not get through: drop the connection
+                await self._ws.stream.aclose()
+        with contextlib.suppress(Exception):  # not in a scope of ours: it exits the one it entered
+            await cm.__aexit__(None, None, None)
 
 
 class AsyncInstances:

@@ -4,6 +4,7 @@ over the session data dir, real guests, driven through the SDK and through raw h
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import errno
 import io
 import json
@@ -476,6 +477,211 @@ def test_async_client(server: Server, box: object) -> None:
             return [r.stdout for r in rs]
 
     assert asyncio.run(main()) == [f"{i}\n" for i in range(4)]
+
+
+async def _aexpect(session: object, pattern: bytes, seen: bytearray, timeout: float = 60.0) -> re.Match[bytes]:
+    """_expect for an AsyncExecSession."""
+    deadline = time.monotonic() + timeout
+    while (m := re.search(pattern, bytes(seen))) is None:
+        left = deadline - time.monotonic()
+        assert left > 0, f"{pattern!r} not seen; output: {bytes(seen)!r}"
+        try:
+            event = await session.recv(left)  # type: ignore[attr-defined]
+        except TimeoutError:
+            continue
+        assert event is not None, f"the command exited before {pattern!r}; output: {bytes(seen)!r}"
+        seen += event[1]
+    del seen[: m.end()]
+    return m
+
+
+def test_async_interactive_exec(server: Server, box: object) -> None:
+    """AsyncInstance.exec_interactive: a reply read before the next line is written, stdout
+    and stderr apart, stdin written while the output is read (another task) up to its eof,
+    a tty resized; leaving the block mid-command or cancelling its task kills the command."""
+    import asyncio
+    import hashlib
+
+    import vmfork
+
+    data = os.urandom(1 << 20)
+
+    async def main() -> list[int]:
+        async with vmfork.AsyncClient(str(server.sock)) as c:
+            inst = await c.instances.get("api-box")
+            seen = bytearray()
+            script = "read x; echo got:$x; read y; echo second:$y >&2; exit 5"
+            async with inst.exec_interactive(["sh", "-c", script]) as s:
+                await s.write("hello\n")
+                await _aexpect(s, rb"got:hello\n", seen)
+                await s.write(b"bye\n")
+                assert [e async for e in s] == [("stderr", b"second:bye\n")]
+                assert s.result == {"type": "exit", "exit_code": 5, "timed_out": False, "signal": None}
+                assert await s.wait() == 5
+
+            async with inst.exec_interactive("sha256sum; cat /dev/null; echo done >&2") as s:
+                async def feed() -> None:
+                    await s.write(data)
+                    await s.close_stdin()
+
+                writer = asyncio.ensure_future(feed())
+                out = [e async for e in s]
+                await writer
+            assert out[0][0] == "stdout" and out[0][1].split()[0].decode() == hashlib.sha256(data).hexdigest()
+            assert out[-1] == ("stderr", b"done\n") and s.result is not None and s.result["exit_code"] == 0
+
+            tty_script = ("echo pid:$$; stty size; trap 'echo winch; stty size' WINCH; echo ready; "
+                          "i=0; while [ $i -lt 3000 ]; do sleep 0.1; i=$((i+1)); done")
+            async with inst.exec_interactive(["sh", "-c", tty_script], tty=True, rows=30, cols=100) as s:
+                tty_pid = int((await _aexpect(s, rb"pid:(\d+)\r\n", seen)).group(1))
+                await _aexpect(s, rb"30 100\r\nready\r\n", seen)
+                await s.resize(40, 120)
+                await _aexpect(s, rb"winch\r\n40 120\r\n", seen)
+            # left mid-command: killed (checked below)
+
+            pids: asyncio.Queue[int] = asyncio.Queue()
+
+            async def session() -> None:
+                async with inst.exec_interactive(["sh", "-c", "echo $$; exec sleep 1000"]) as s:
+                    event = await s.recv(60)
+                    assert event is not None
+                    pids.put_nowait(int(event[1]))
+                    await asyncio.sleep(1000)
+
+            task = asyncio.ensure_future(session())
+            cancelled_pid = await asyncio.wait_for(pids.get(), 60)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            return [tty_pid, cancelled_pid]
+
+    tty_pid, cancelled_pid = asyncio.run(main())
+    assert _guest_pid_gone(box, tty_pid), f"tty process {tty_pid} still runs after the session was left"
+    assert _guest_pid_gone(box, cancelled_pid), f"process {cancelled_pid} still runs after its task was cancelled"
+
+
+def _exec_streams(server: Server) -> int:
+    with server.raw() as h:
+        text = h.get("/metrics").text
+    return int(re.search(r"^vmfork_exec_streams (\d+)$", text, re.M).group(1))  # type: ignore[union-attr]
+
+
+def _no_exec_stream_left(server: Server) -> bool:
+    return any(_exec_streams(server) == 0 for _ in retry.attempts(60, first=0.2, cap=1.0))
+
+
+# stdin a client can have sent before it blocks (the command reading none): the server's
+# window, the agent's, and what the sockets hold. Stalled beyond it, the window is full.
+FULL_WINDOW = (1 << 20) + (256 << 10)
+
+STALLED_CLIENT = """
+import sys, vmfork
+host, token = sys.argv[1], sys.argv[2] or None
+box = vmfork.Client(host, token=token).instances.get("api-box")
+s = box.exec_interactive(["sh", "-c", "echo $$; exec sleep 1000"])
+print("pid", int(s.recv(60)[1]), flush=True)
+n = 0
+while True:
+    s.send(b"x" * (64 << 10))
+    n += 64 << 10
+    print("sent", n, flush=True)
+"""
+
+
+def _until_stalled(progress: list[float], what: str) -> None:
+    """Wait until the sender blocked with the window full: no progress for 2 s, past FULL_WINDOW."""
+    deadline = time.monotonic() + 120
+    while not (progress[1] >= FULL_WINDOW and time.monotonic() - progress[0] > 2):
+        assert time.monotonic() < deadline, f"{what}: stdin never stalled ({progress[1]:.0f} bytes sent)"
+        time.sleep(0.1)
+
+
+def test_disconnect_with_a_full_stdin_window(server: Server, box: object, report: list[str]) -> None:
+    """A client gone while the command reads no stdin and the window is full (the server
+    reads nothing from it then): killed (unix socket and TCP), or closing its session while
+    a send is blocked (async and sync SDK). Each time the guest process ends and the server's
+    task for the session ends (vmfork_exec_streams back to 0)."""
+    import asyncio
+
+    import vmfork
+
+    assert _no_exec_stream_left(server)
+    for host, token in ((str(server.sock), ""), (f"http://127.0.0.1:{server.port}", server.token)):
+        p = subprocess.Popen([sys.executable, "-c", STALLED_CLIENT, host, token], stdout=subprocess.PIPE, text=True)
+        try:
+            assert p.stdout is not None
+            pid = int(p.stdout.readline().split()[1])
+            progress = [time.monotonic(), 0.0]
+
+            def read(out: io.TextIOBase = p.stdout, progress: list[float] = progress) -> None:
+                for line in out:
+                    progress[:] = [time.monotonic(), float(line.split()[1])]
+
+            threading.Thread(target=read, daemon=True).start()
+            _until_stalled(progress, host)
+            assert _exec_streams(server) == 1
+        finally:
+            p.kill()
+            p.wait()
+        t0 = time.monotonic()
+        assert _guest_pid_gone(box, pid), f"guest process {pid} still runs after its client was killed ({host})"
+        gone_s = time.monotonic() - t0
+        assert _no_exec_stream_left(server), f"the server's task of the killed client's exec runs on ({host})"
+        report.append(f"API: client killed with a full stdin window ({'unix' if host.startswith('/') else 'tcp'}): guest process "
+                      f"gone {gone_s:.1f} s later")
+
+    async def async_session() -> tuple[int, float]:
+        async with vmfork.AsyncClient(str(server.sock)) as c:
+            inst = await c.instances.get("api-box")
+            progress = [time.monotonic(), 0.0]
+            async with inst.exec_interactive(["sh", "-c", "echo $$; exec sleep 1000"]) as s:
+                event = await s.recv(60)
+                assert event is not None
+
+                async def feed() -> None:
+                    with contextlib.suppress(Exception):
+                        while True:
+                            await s.write(b"x" * (64 << 10))
+                            progress[:] = [time.monotonic(), progress[1] + (64 << 10)]
+
+                writer = asyncio.ensure_future(feed())
+                while not (progress[1] >= FULL_WINDOW and time.monotonic() - progress[0] > 2):
+                    await asyncio.sleep(0.1)
+                t0 = time.monotonic()
+            closed_s = time.monotonic() - t0
+            await asyncio.wait_for(writer, 10)  # its blocked write failed
+            return int(event[1]), closed_s
+
+    pid, closed_s = asyncio.run(async_session())
+    from vmfork.client import CLOSE_WAIT
+
+    assert closed_s < CLOSE_WAIT + 5, f"leaving the async session took {closed_s:.1f} s"
+    assert _guest_pid_gone(box, pid), f"guest process {pid} still runs after the async session was left"
+    assert _no_exec_stream_left(server)
+
+    s = box.exec_interactive(["sh", "-c", "echo $$; exec sleep 1000"])  # type: ignore[attr-defined]
+    event = s.recv(60)
+    progress = [time.monotonic(), 0.0]
+
+    def feed() -> None:
+        with contextlib.suppress(Exception):
+            while True:
+                s.send(b"x" * (64 << 10))
+                progress[:] = [time.monotonic(), progress[1] + (64 << 10)]
+
+    sender = threading.Thread(target=feed, daemon=True)
+    sender.start()
+    _until_stalled(progress, "sync session")
+    t0 = time.monotonic()
+    s.close()
+    closed_sync_s = time.monotonic() - t0
+    sender.join(10)
+    assert not sender.is_alive(), "the blocked send still blocks after close"
+    assert closed_sync_s < CLOSE_WAIT + 5, f"closing the sync session took {closed_sync_s:.1f} s"
+    assert _guest_pid_gone(box, int(event[1])), "guest process still runs after the sync session was closed"
+    assert _no_exec_stream_left(server)
+    report.append(f"API: session closed with a full stdin window: async {closed_s:.1f} s, sync {closed_sync_s:.1f} s "
+                  f"(CLOSE_WAIT {CLOSE_WAIT:g} s)")
 
 
 def test_auto_standby_and_wake_on_use(server: Server, report: list[str]) -> None:

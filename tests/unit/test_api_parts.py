@@ -205,3 +205,28 @@ def test_auto_standby_settings_persist(tmp_path: Path) -> None:
     assert stat.S_IMODE((tmp_path / "api").stat().st_mode) == 0o700
     a.set("abc", None)
     assert AutoStandby(tmp_path).settings() == {}
+
+
+def test_exec_stream_gauge() -> None:
+    m = Metrics()
+    with m.exec_stream(), m.exec_stream():
+        assert "vmfork_exec_streams 2\n" in m.render({})
+    with pytest.raises(ValueError), m.exec_stream():
+        raise ValueError
+    assert "vmfork_exec_streams 0\n" in m.render({})
+
+
+def test_exec_websocket_messages_as_the_sdk_reads_them() -> None:
+    """Output, the exit, an error (raised with its code), and what is not part of the exec:
+    the server's empty liveness message while the stdin window is full, a ping."""
+    from vmfork import client
+
+    assert client._decode_output(b"\x01out") == ("stdout", b"out")
+    assert client._decode_output(bytearray(b"\x02err")) == ("stderr", b"err")
+    assert client._decode_output('{"type": "exit", "exit_code": 3}') == {"type": "exit", "exit_code": 3}
+    assert client._decode_output(b"") is None and client._decode_output(b"\x01") is None
+    assert client._decode_output(None) is None
+    with pytest.raises(client.BusyError, match="too many"):
+        client._decode_output('{"type": "error", "code": "busy", "detail": "too many"}')
+    assert b"".join(client._stdin_messages(b"x" * (client.STDIN_MESSAGE + 1))) == b"x" * (client.STDIN_MESSAGE + 1)
+    assert [len(m) for m in client._stdin_messages("é" * client.STDIN_MESSAGE)] == [client.STDIN_MESSAGE] * 2
