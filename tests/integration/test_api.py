@@ -560,40 +560,33 @@ def test_async_interactive_exec(server: Server, box: object) -> None:
     assert _guest_pid_gone(box, cancelled_pid), f"process {cancelled_pid} still runs after its task was cancelled"
 
 
-def _exec_streams(server: Server) -> int:
+def _gauge(server: Server, name: str) -> int:
     with server.raw() as h:
         text = h.get("/metrics").text
-    return int(re.search(r"^vmfork_exec_streams (\d+)$", text, re.M).group(1))  # type: ignore[union-attr]
+    return int(re.search(rf"^vmfork_{name} (\d+)$", text, re.M).group(1))  # type: ignore[union-attr]
 
 
 def _no_exec_stream_left(server: Server) -> bool:
-    return any(_exec_streams(server) == 0 for _ in retry.attempts(60, first=0.2, cap=1.0))
+    return any(_gauge(server, "exec_streams") == 0 for _ in retry.attempts(60, first=0.2, cap=1.0))
 
 
-# stdin a client can have sent before it blocks (the command reading none): the server's
-# window, the agent's, and what the sockets hold. Stalled beyond it, the window is full.
-FULL_WINDOW = (1 << 20) + (256 << 10)
+def _until_window_full(server: Server, what: str) -> None:
+    """Wait until the server holds the session's stdin window full (it reads nothing from it)."""
+    for _ in retry.attempts(240, first=0.1, cap=0.5):
+        if _gauge(server, "exec_stdin_full") == 1:
+            return
+    raise AssertionError(f"{what}: the stdin window never filled")
+
 
 STALLED_CLIENT = """
 import sys, vmfork
 host, token = sys.argv[1], sys.argv[2] or None
 box = vmfork.Client(host, token=token).instances.get("api-box")
 s = box.exec_interactive(["sh", "-c", "echo $$; exec sleep 1000"])
-print("pid", int(s.recv(60)[1]), flush=True)
-n = 0
+print(int(s.recv(60)[1]), flush=True)
 while True:
     s.send(b"x" * (64 << 10))
-    n += 64 << 10
-    print("sent", n, flush=True)
 """
-
-
-def _until_stalled(progress: list[float], what: str) -> None:
-    """Wait until the sender blocked with the window full: no progress for 2 s, past FULL_WINDOW."""
-    deadline = time.monotonic() + 120
-    while not (progress[1] >= FULL_WINDOW and time.monotonic() - progress[0] > 2):
-        assert time.monotonic() < deadline, f"{what}: stdin never stalled ({progress[1]:.0f} bytes sent)"
-        time.sleep(0.1)
 
 
 def test_disconnect_with_a_full_stdin_window(server: Server, box: object, report: list[str]) -> None:
@@ -604,36 +597,30 @@ def test_disconnect_with_a_full_stdin_window(server: Server, box: object, report
     import asyncio
 
     import vmfork
+    from vmfork.client import CLOSE_WAIT
 
     assert _no_exec_stream_left(server)
     for host, token in ((str(server.sock), ""), (f"http://127.0.0.1:{server.port}", server.token)):
+        kind = "unix" if host.startswith("/") else "tcp"
         p = subprocess.Popen([sys.executable, "-c", STALLED_CLIENT, host, token], stdout=subprocess.PIPE, text=True)
         try:
             assert p.stdout is not None
-            pid = int(p.stdout.readline().split()[1])
-            progress = [time.monotonic(), 0.0]
-
-            def read(out: io.TextIOBase = p.stdout, progress: list[float] = progress) -> None:
-                for line in out:
-                    progress[:] = [time.monotonic(), float(line.split()[1])]
-
-            threading.Thread(target=read, daemon=True).start()
-            _until_stalled(progress, host)
-            assert _exec_streams(server) == 1
+            pid = int(p.stdout.readline())
+            _until_window_full(server, kind)
+            assert _gauge(server, "exec_streams") == 1
         finally:
             p.kill()
             p.wait()
         t0 = time.monotonic()
-        assert _guest_pid_gone(box, pid), f"guest process {pid} still runs after its client was killed ({host})"
+        assert _guest_pid_gone(box, pid), f"guest process {pid} still runs after its client was killed ({kind})"
         gone_s = time.monotonic() - t0
-        assert _no_exec_stream_left(server), f"the server's task of the killed client's exec runs on ({host})"
-        report.append(f"API: client killed with a full stdin window ({'unix' if host.startswith('/') else 'tcp'}): guest process "
-                      f"gone {gone_s:.1f} s later")
+        assert _no_exec_stream_left(server), f"the server's task of the killed client's exec runs on ({kind})"
+        assert _gauge(server, "exec_stdin_full") == 0
+        report.append(f"API: client killed with a full stdin window ({kind}): guest process gone {gone_s:.1f} s later")
 
     async def async_session() -> tuple[int, float]:
         async with vmfork.AsyncClient(str(server.sock)) as c:
             inst = await c.instances.get("api-box")
-            progress = [time.monotonic(), 0.0]
             async with inst.exec_interactive(["sh", "-c", "echo $$; exec sleep 1000"]) as s:
                 event = await s.recv(60)
                 assert event is not None
@@ -642,36 +629,30 @@ def test_disconnect_with_a_full_stdin_window(server: Server, box: object, report
                     with contextlib.suppress(Exception):
                         while True:
                             await s.write(b"x" * (64 << 10))
-                            progress[:] = [time.monotonic(), progress[1] + (64 << 10)]
 
                 writer = asyncio.ensure_future(feed())
-                while not (progress[1] >= FULL_WINDOW and time.monotonic() - progress[0] > 2):
-                    await asyncio.sleep(0.1)
+                await asyncio.to_thread(_until_window_full, server, "async session")
                 t0 = time.monotonic()
             closed_s = time.monotonic() - t0
             await asyncio.wait_for(writer, 10)  # its blocked write failed
             return int(event[1]), closed_s
 
     pid, closed_s = asyncio.run(async_session())
-    from vmfork.client import CLOSE_WAIT
-
     assert closed_s < CLOSE_WAIT + 5, f"leaving the async session took {closed_s:.1f} s"
     assert _guest_pid_gone(box, pid), f"guest process {pid} still runs after the async session was left"
     assert _no_exec_stream_left(server)
 
     s = box.exec_interactive(["sh", "-c", "echo $$; exec sleep 1000"])  # type: ignore[attr-defined]
     event = s.recv(60)
-    progress = [time.monotonic(), 0.0]
 
     def feed() -> None:
         with contextlib.suppress(Exception):
             while True:
                 s.send(b"x" * (64 << 10))
-                progress[:] = [time.monotonic(), progress[1] + (64 << 10)]
 
     sender = threading.Thread(target=feed, daemon=True)
     sender.start()
-    _until_stalled(progress, "sync session")
+    _until_window_full(server, "sync session")
     t0 = time.monotonic()
     s.close()
     closed_sync_s = time.monotonic() - t0

@@ -207,11 +207,12 @@ def test_auto_standby_settings_persist(tmp_path: Path) -> None:
     assert AutoStandby(tmp_path).settings() == {}
 
 
-def test_exec_stream_gauge() -> None:
+def test_exec_gauges() -> None:
     m = Metrics()
-    with m.exec_stream(), m.exec_stream():
-        assert "vmfork_exec_streams 2\n" in m.render({})
-    with pytest.raises(ValueError), m.exec_stream():
+    with m.counted("exec_streams"), m.counted("exec_streams"), m.counted("exec_stdin_full"):
+        text = m.render({})
+        assert "vmfork_exec_streams 2\n" in text and "vmfork_exec_stdin_full 1\n" in text
+    with pytest.raises(ValueError), m.counted("exec_streams"):
         raise ValueError
     assert "vmfork_exec_streams 0\n" in m.render({})
 

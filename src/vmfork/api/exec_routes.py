@@ -157,7 +157,7 @@ async def exec_(id: str, body: models.ExecRequest, st: Dep, request: Request,
 @router.websocket("/instances/{id}/exec/ws")
 async def exec_ws(ws: WebSocket, id: str) -> None:
     st: State = ws.app.state.vmfork
-    with st.metrics.exec_stream():
+    with st.metrics.counted("exec_streams"):
         await _exec_ws(ws, st, id)
 
 
@@ -263,12 +263,14 @@ async def _feed(ws: WebSocket, st: State, pipe: asyncio.Future[ExecStdin] | None
                 if pipe is None:
                     raise _ClientError("stdin data, but the exec was started without stream_stdin")
                 data = msg["bytes"]
-                while pending > MAX_PENDING_STDIN:  # the command is not reading: neither do we
-                    room.clear()
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(room.wait(), PROBE_S)
-                        continue
-                    await ws.send_bytes(b"")  # WebSocketDisconnect once the client is gone
+                if pending > MAX_PENDING_STDIN:
+                    with st.metrics.counted("exec_stdin_full"):
+                        while pending > MAX_PENDING_STDIN:  # the command is not reading: neither do we
+                            room.clear()
+                            with contextlib.suppress(TimeoutError):
+                                await asyncio.wait_for(room.wait(), PROBE_S)
+                                continue
+                            await ws.send_bytes(b"")  # WebSocketDisconnect once the client is gone
                 pending += len(data)
                 todo.put_nowait(("data", data))
                 continue

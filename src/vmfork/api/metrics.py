@@ -8,6 +8,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+GAUGES = {
+    "exec_streams": "WebSocket execs open (their server task runs).",
+    "exec_stdin_full": "WebSocket execs whose stdin window is full (the server reads nothing from them).",
+}
 OPERATIONS = ("run", "start", "stop", "rm", "fork", "standby", "restore", "exec", "snapshot", "pull")
 
 
@@ -30,17 +34,18 @@ class Metrics:
         self._lock = threading.Lock()
         self.latency: dict[tuple[str, str], Histogram] = {}  # (operation, outcome)
         self.requests: dict[tuple[str, int], int] = {}  # (method, status)
-        self.exec_streams = 0  # WebSocket execs whose server task runs
+        self.gauges = dict.fromkeys(GAUGES, 0)
 
     @contextmanager
-    def exec_stream(self) -> Iterator[None]:
+    def counted(self, gauge: str) -> Iterator[None]:
+        """``gauge`` is one more for the duration of the block."""
         with self._lock:
-            self.exec_streams += 1
+            self.gauges[gauge] += 1
         try:
             yield
         finally:
             with self._lock:
-                self.exec_streams -= 1
+                self.gauges[gauge] -= 1
 
     @contextmanager
     def timed(self, op: str) -> Iterator[None]:
@@ -73,8 +78,9 @@ class Metrics:
                 out.append(f'vmfork_operation_seconds_bucket{{{labels},le="+Inf"}} {h.total}')
                 out.append(f"vmfork_operation_seconds_sum{{{labels}}} {h.sum:.6f}")
                 out.append(f"vmfork_operation_seconds_count{{{labels}}} {h.total}")
-            out += ["# HELP vmfork_exec_streams WebSocket execs open (their server task runs).",
-                    "# TYPE vmfork_exec_streams gauge", f"vmfork_exec_streams {self.exec_streams}"]
+            for name, text in GAUGES.items():
+                out += [f"# HELP vmfork_{name} {text}", f"# TYPE vmfork_{name} gauge",
+                        f"vmfork_{name} {self.gauges[name]}"]
             out += ["# HELP vmfork_http_requests_total HTTP requests answered.",
                     "# TYPE vmfork_http_requests_total counter"]
             out += [f'vmfork_http_requests_total{{method="{m}",status="{s}"}} {n}'
