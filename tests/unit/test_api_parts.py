@@ -13,7 +13,7 @@ from vmfork import errors
 from vmfork.api import problems
 from vmfork.api.auth import TokenCheck, ensure_token
 from vmfork.api.metrics import Metrics
-from vmfork.api.server import bind_unix, parse_listen
+from vmfork.api.server import _unlink_if_ours, bind_unix, parse_listen
 
 
 @pytest.mark.parametrize(("exc", "status", "code"), [
@@ -88,6 +88,23 @@ def test_unix_socket_is_0600_and_a_live_one_is_refused(tmp_path: Path) -> None:
     stale = bind_unix(tmp_path / "vmfork.sock")  # closed: a stale socket file is replaced
     stale.close()
     assert stat.S_ISSOCK((tmp_path / "vmfork.sock").stat().st_mode)
+
+
+def test_a_stopping_server_leaves_a_newer_servers_socket(tmp_path: Path) -> None:
+    path = tmp_path / "vmfork.sock"
+    old = bind_unix(path)
+    old_st = os.stat(path)
+    old.close()  # the old server stopped listening and still waits for its requests
+    new = bind_unix(path)  # a new server takes the path as stale
+    try:
+        _unlink_if_ours(path, old_st)  # the old one exits: the new socket stays
+        assert stat.S_ISSOCK(path.stat().st_mode)
+        _unlink_if_ours(path, os.stat(path))  # still listening: not removed
+        assert path.exists()
+    finally:
+        new.close()
+    _unlink_if_ours(path, os.stat(path))  # its own, closed: removed
+    assert not path.exists()
 
 
 def test_parse_listen() -> None:

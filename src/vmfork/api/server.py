@@ -84,7 +84,7 @@ def serve(data_dir: Path, *, listen: str | None = None, rotate_token: bool = Fal
     path = socket_path(data_dir)
     with contextlib.ExitStack() as stack:
         unix = bind_unix(path)
-        stack.callback(lambda: path.unlink(missing_ok=True))
+        stack.callback(_unlink_if_ours, path, os.stat(path))
         stack.callback(unix.close)
         sockets.append(unix)
         say(f"listening on unix:{path}")
@@ -104,6 +104,26 @@ def serve(data_dir: Path, *, listen: str | None = None, rotate_token: bool = Fal
             signal.signal(sig, _stopped)
         uvicorn.Server(config).run(sockets=sockets)
     say("stopped")
+
+
+def _unlink_if_ours(path: Path, bound: os.stat_result) -> None:
+    """Remove the socket file this server made, not one a newer server bound meanwhile (the
+    old one stops listening first, then waits for its requests: a new ``serve`` in that gap
+    takes the path as stale and binds a new file there). An inode number is reused at once, so
+    a file counts as ours only with the same inode and ctime, and when nobody answers on it."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    if (st.st_dev, st.st_ino, st.st_ctime_ns) != (bound.st_dev, bound.st_ino, bound.st_ctime_ns):
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        path.unlink(missing_ok=True)  # ours, and nobody listens on it
+    finally:
+        probe.close()
 
 
 def _stopped(_signum: int, _frame: object) -> None:
