@@ -303,3 +303,25 @@ def test_vmm_starts_with_the_data_dir_under_the_cwd(built: CLI) -> None:
         assert _inspect(built, "cwd1")["state"] == "running"
     finally:
         built("rm", "-f", "cwd1")
+
+
+def test_vmm_named_through_a_symlinked_dir(built: CLI, tmp_path: Path) -> None:
+    """QEMU given by a path with a symlink on the way (a worktree's ``.tools`` linked to the
+    main checkout's): only the real dir used to be bound into the VMM's root, so exec of the
+    given path failed there ("setsid: failed to execute ...: No such file")."""
+    _needs_root()
+    from vmfork.hypervisor import qemu_bin
+
+    real = shutil.which(qemu_bin.default_binary())
+    assert real
+    link = tmp_path / "qemu-link"
+    link.symlink_to(os.path.dirname(os.path.realpath(real)))
+    given = link / os.path.basename(real)
+    r = built("run", "symq1", "--json", check=False, env={qemu_bin.ENV_BINARY: str(given)})
+    try:
+        assert r.returncode == 0, r.stderr.decode(errors="replace")
+        info = _inspect(built, "symq1")
+        assert info["state"] == "running" and info["confinement"]["confined"]
+        assert built.sh("symq1", "echo up") == "up"
+    finally:
+        built("rm", "-f", "symq1")

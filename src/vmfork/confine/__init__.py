@@ -233,10 +233,14 @@ def starter(g: GuestDir, hypervisor: str, argv0: str, inner: Any, netns: str = "
     # The VMM binary's dir (outside /usr: e.g. .tools/bin). A bare name is found on PATH, as
     # exec will find it: resolved against the cwd instead, it bound the cwd into the VMM's
     # root, over the image dir when the data dir lay under the cwd ("Permission denied").
+    # Bound at the path exec is given and at its real one (they differ when a dir on the way is
+    # a symlink, e.g. a worktree's .tools linked to the main checkout's): exec resolves the
+    # first inside the VMM's root, the binary's own lookups (-L, its libraries) the second.
     exe = argv0 if "/" in argv0 else (shutil.which(argv0) or "")
-    exe_dir = os.path.dirname(os.path.realpath(exe)) if exe else ""
-    if exe_dir and not exe_dir.startswith("/usr/") and exe_dir not in ro:
-        ro.append(exe_dir)
+    exe_dirs = {os.path.dirname(os.path.abspath(exe)), os.path.dirname(os.path.realpath(exe))} if exe else set()
+    for exe_dir in sorted(exe_dirs):
+        if not exe_dir.startswith("/usr/") and exe_dir not in ro:
+            ro.append(exe_dir)
     ro_files = [f for f in ("/etc/ld.so.cache",) if os.path.exists(f)]
     for p in ro_paths:  # bound at the path the VMM is given
         (ro if os.path.isdir(p) else ro_files).append(os.path.abspath(p))
