@@ -56,7 +56,7 @@ def _clean(cli: CLI) -> None:
     slots = {r["id"] for r in _pool(cli)}
     ids = {r["id"] for r in rows} | slots
     assert {p.name for p in guests.iterdir()} == ids
-    locks = {f.name for f in (cli.data_dir / "locks").iterdir()} - {"global.lock", "watchdog.lock"}
+    locks = {f.name for f in (cli.data_dir / "locks").iterdir()} - {"global.lock", "watchdog.lock", "network.lock"}
     assert locks <= {f"{i}.lock" for i in ids}, locks
     slot_pids = {r["pid"] for r in _pool(cli)}
     assert _qemu_pids_in(cli.data_dir) == {r["pid"] for r in rows if r["pid"]} | slot_pids
