@@ -387,6 +387,7 @@ class Bench:
         m = self.source(fs)
         mnt = self.mounts[fs]
         pooled, plain, bare, claim_ms, fill_ms, pss = [], [], [], [], [], []
+        phases: dict[str, list[float]] = {}
         self.say(f"[1e] fork from a warm pool on {fs} ({self.plan.breakdown_runs} runs)")
         for i in range(self.plan.breakdown_runs):
             _, t = m.fork("base", f"unpooled-{i}", target_state="running")
@@ -401,6 +402,8 @@ class Bench:
                 raise RuntimeError(f"the fork did not take the pool's slot: {t}")
             pooled.append(ms(t["total_s"] - t["fork_restore"]["agent_s"]))
             claim_ms.append(ms(t["clone_s"]))
+            for k in ("qmp_s", "load_s", "resume_s"):
+                phases.setdefault(k, []).append(ms(t["fork_restore"][k]))
             m.rm(f"pooled-{i}", force=True)
             bare.append(self._bare(m, mnt, i))
         prm = {"fs": fs, "guest_mib": self.plan.base_mib}
@@ -408,6 +411,8 @@ class Bench:
         rec_pool = self.add("pool_fork_host_ms", pooled, "ms", **prm, pool="slot")
         rec_plain = self.add("pool_fork_host_ms", plain, "ms", **prm, pool="none")
         self.add("pool_fork_claim_commit_ms", claim_ms, "ms", **prm)
+        for k, v in phases.items():
+            self.add("pool_fork_phase_ms", v, "ms", **prm, phase=k.removesuffix("_s"))
         self.add("pool_fill_one_slot_ms", fill_ms, "ms", **prm)
         self.add("pool_slot_idle_pss_mib", pss, "MiB", **prm)
         self.ratio("pool_fork_host_over_bare_restore", rec_pool, floor, fs=fs, pool="slot")
