@@ -34,16 +34,18 @@ def register(cli: Any) -> None:
     @pool.command("fill")
     @click.argument("source")
     @click.option("--size", type=int, required=True, help="Ready slots to keep for SOURCE (0 to 32).")
+    @click.option("--keep", is_flag=True, help="Refill to SIZE after each fork that takes a slot "
+                  "(in the background under 'vmfork serve'); 'pool drain' or 'rm SOURCE' ends it.")
     @json_opt
     @pass_ctx
-    def pool_fill(c: Ctx, source: str, size: int, as_json: bool) -> None:
+    def pool_fill(c: Ctx, source: str, size: int, keep: bool, as_json: bool) -> None:
         """Pre-start VMMs for forks of SOURCE (a qemu instance in standby): SIZE slots in all."""
         from vmfork.pool import ops
 
-        r = ops.fill(_local(c), source, size)
+        r = ops.fill(_local(c), source, size, keep=keep)
         _emit(as_json, r, lambda: out.print(_clean(
             f"pool of {r['source']}: {r['size']} slot(s); made {len(r['made'])}, removed {len(r['removed'])} "
-            f"in {r['seconds']:.2f}s")))
+            f"in {r['seconds']:.2f}s" + (f"; refilled to {r['refilled']} after each fork" if r["refilled"] else ""))))
 
     @pool.command("ls")
     @json_opt

@@ -83,6 +83,9 @@ def test_pooled_forks_are_isolated_and_run_beside_their_source(cli: CLI) -> None
     assert [s["state"] for s in slots] == ["ready", "ready"], slots
     assert all(s["pid"] and s["pss_mib"] and s["pss_mib"] > 1 for s in slots), slots
     assert [r["name"] for r in cli.json("ps")] == ["src"]  # type: ignore[union-attr, index]
+    human = cli("pool", "ls").stdout.decode()
+    assert all(s["id"] in human for s in slots) and human.count("ready") == 2, human
+    assert "slot" not in cli("ps").stdout.decode()
     _clean(cli)
 
     forks = [_fork(cli, "src", n) for n in ("p1", "p2")]
@@ -138,6 +141,25 @@ def test_a_slot_made_for_an_older_snapshot_is_never_used(cli: CLI) -> None:
     _clean(cli)
 
 
+def test_a_kept_pool_is_refilled_after_each_claim(cli: CLI) -> None:
+    cli("pool", "fill", "src", "--size", "1", "--keep")
+    first = [s["id"] for s in _pool(cli)]
+    setting = cli.data_dir / "pool" / f"{_inspect(cli, 'src')['id']}.json"
+    assert setting.is_file()
+    f = _fork(cli, "src", "r1")
+    assert f["timings"]["clone_method"] == "pool" and f["id"] == first[0]
+    again = _pool(cli)
+    assert [s["state"] for s in again] == ["ready"] and again[0]["id"] != first[0]  # refilled
+    assert _fork(cli, "src", "r2")["timings"]["clone_method"] == "pool"
+    assert len(_pool(cli)) == 1
+    cli("pool", "drain", "src")  # ends it
+    assert _pool(cli) == [] and not setting.exists()
+    assert _fork(cli, "src", "r3")["timings"]["clone_method"] != "pool"
+    assert _pool(cli) == []
+    cli("rm", "--force", "r1", "r2", "r3")
+    _clean(cli)
+
+
 @pytest.mark.parametrize("point", ["pool:slot-renamed", "pool:slot-started"])
 def test_a_killed_fill_is_recovered(cli: CLI, point: str) -> None:
     killed(cli, ["pool", "fill", "src", "--size", "1"], point=point)
@@ -160,10 +182,12 @@ def test_a_killed_claim_is_recovered(cli: CLI, point: str) -> None:
 
 def test_rm_of_a_source_drains_its_pool(cli: CLI) -> None:
     cli("fork", "src", "src2")
-    cli("pool", "fill", "src2", "--size", "2")
+    cli("pool", "fill", "src2", "--size", "2", "--keep")
     assert len(_pool(cli)) == 2
+    setting = cli.data_dir / "pool" / f"{_inspect(cli, 'src2')['id']}.json"
+    assert setting.is_file()
     cli("rm", "src2")
-    assert _pool(cli) == []
+    assert _pool(cli) == [] and not setting.exists()
     _clean(cli)
 
 

@@ -381,9 +381,12 @@ class Bench:
         without a pool and a bare restore of the same snapshot, alternating in one run; the
         host side of each (the agent's answer excluded). Also each idle slot's PSS and what
         filling one costs."""
+        for fs in self.mounts:  # XFS: slots are reflinks; ext4: copies (made at fill, off the path)
+            self._pooled_fork(fs)
+
+    def _pooled_fork(self, fs: str) -> None:
         from vmfork.pool import ops as pool_ops
 
-        fs = "xfs" if "xfs" in self.mounts else next(iter(self.mounts))
         m = self.source(fs)
         mnt = self.mounts[fs]
         pooled, plain, bare, claim_ms, fill_ms, pss = [], [], [], [], [], []

@@ -17,6 +17,7 @@ Rules every operation keeps:
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -101,6 +102,9 @@ class Manager:
         """``create=False`` (read-only commands): the data dir is taken as it is, nothing is made."""
         self.dd = DataDir(root).ensure() if create else DataDir(root)
         self.progress: Progress = progress or (lambda _msg: None)
+        # Runs the refill of a warm pool after a fork took a slot (vmfork.pool): at once by
+        # default (the CLI, after the fork is done), in the background under 'vmfork serve'.
+        self.refill: Callable[[Callable[[], None]], None] = lambda job: job()
         cow_extsize = os.environ.get("VMFORK_COWEXTSIZE", "")
         size = int(cow_extsize) if cow_extsize.isdigit() else COW_EXTSIZE
         if size > 0 and create:  # inherited by every guest dir and file created from now on (XFS only)
@@ -986,6 +990,8 @@ class Manager:
         finally:
             os.close(fd)
         timings["total_s"] = round(time.monotonic() - t0, 4)
+        if pool_ops.kept(self, src.id):  # off the fork's path: it runs already
+            self.refill(functools.partial(pool_ops.refill, self, src.id))
         return fork, timings
 
     def _restore_prestarted(self, fork: Instance, state_fd: int) -> dict[str, Any]:

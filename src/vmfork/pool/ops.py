@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vmfork import confine, util
-from vmfork.errors import Busy, InvalidArgument, NotFound, WrongState
+from vmfork.errors import Busy, InvalidArgument, NotFound, VmforkError, WrongState
 from vmfork.hypervisor.base import VMConfig, vmm_record
 from vmfork.layout import GuestDir
 from vmfork.pool import READY, SLOT, STARTING, Slot, problem, slot_dirs, snapshot_key
@@ -45,10 +45,44 @@ def usable(mgr: Manager, slot: Slot, src: Instance) -> str | None:
     return None
 
 
+# --- the size kept after claims (a data-dir setting per source) -----------------------------------
+def _setting(mgr: Manager, src_id: str) -> Path:
+    return mgr.dd.root / "pool" / f"{src_id}.json"
+
+
+def kept(mgr: Manager, src_id: str) -> int:
+    """The pool size refilled after each claim of a slot of ``src_id`` (0: none)."""
+    try:
+        return int(util.read_json(_setting(mgr, src_id)).get("size", 0))
+    except (OSError, ValueError, AttributeError, TypeError):
+        return 0
+
+
+def _keep(mgr: Manager, src_id: str, size: int) -> None:
+    f = _setting(mgr, src_id)
+    if size <= 0:
+        f.unlink(missing_ok=True)
+        return
+    f.parent.mkdir(mode=0o700, exist_ok=True)
+    util.atomic_write_json(f, {"source_id": src_id, "size": size})
+
+
+def refill(mgr: Manager, src_id: str) -> None:
+    """After a claim: the source's pool back to its kept size (failures only said)."""
+    size = kept(mgr, src_id)
+    if not size:
+        return
+    try:
+        fill(mgr, src_id, size)
+    except VmforkError as e:
+        mgr.progress(f"pool not refilled: {e}")
+
+
 # --- fill ---------------------------------------------------------------------------------------
-def fill(mgr: Manager, src_ref: str, size: int) -> dict[str, Any]:
+def fill(mgr: Manager, src_ref: str, size: int, *, keep: bool = False) -> dict[str, Any]:
     """Keep ``size`` ready slots for forks of ``src_ref`` (a QEMU instance in standby):
-    stale or broken ones go, missing ones are made, extra ones go."""
+    stale or broken ones go, missing ones are made, extra ones go. With ``keep``, the pool
+    is refilled to ``size`` after each fork that takes a slot (``Manager.refill``)."""
     if not 0 <= size <= MAX_SIZE:
         raise InvalidArgument(f"invalid pool size '{size}': must be between 0 and {MAX_SIZE}")
     src = mgr.find(src_ref)
@@ -64,17 +98,19 @@ def fill(mgr: Manager, src_ref: str, size: int) -> dict[str, Any]:
             raise WrongState(f"instance '{src.name}' is {st.state}: a pool is made for a source in standby")
         mgr._check_snapshot(src, "pooled")
         key = snapshot_key(src.g.snapshot_latest)
-        keep: list[Slot] = []
+        keep_slots: list[Slot] = []
         for s in [s for s in slots(mgr) if s.source_id == src.id]:
             why = usable(mgr, s, src)
-            if why is None and len(keep) < size:
-                keep.append(s)
+            if why is None and len(keep_slots) < size:
+                keep_slots.append(s)
             elif _remove_locked(mgr, s):
                 removed.append(s.iid)
-        for _ in range(size - len(keep)):
+        if keep:
+            _keep(mgr, src.id, size)
+        for _ in range(size - len(keep_slots)):
             made.append(_make(mgr, src, key).iid)
     return {"source": src.name, "size": size, "made": made, "removed": removed,
-            "seconds": round(time.monotonic() - t0, 3)}
+            "refilled": kept(mgr, src.id), "seconds": round(time.monotonic() - t0, 3)}
 
 
 def _make(mgr: Manager, src: Instance, key: dict[str, Any]) -> Slot:
@@ -184,6 +220,10 @@ def _remove_locked(mgr: Manager, slot: Slot) -> bool:
 def drain(mgr: Manager, src_ref: str) -> dict[str, Any]:
     """Remove every slot of source ``src_ref`` (a name or id; the source may be gone)."""
     mine = [s for s in slots(mgr) if src_ref in (s.source_id, s.source_name)]
+    for s in mine:
+        _keep(mgr, s.source_id, 0)
+    with contextlib.suppress(NotFound):
+        _keep(mgr, mgr.find(src_ref).id, 0)
     if not mine:
         with contextlib.suppress(NotFound):
             mgr.find(src_ref)
@@ -198,6 +238,7 @@ def drain(mgr: Manager, src_ref: str) -> dict[str, Any]:
 
 def drain_of(mgr: Manager, src_id: str) -> None:
     """``rm`` of a source: its slots go with it."""
+    _keep(mgr, src_id, 0)
     for s in slots(mgr):
         if s.source_id == src_id:
             _remove_locked(mgr, s)
