@@ -11,6 +11,7 @@ left (no VMM, no slot, no lock, no lease).
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -157,6 +158,30 @@ def test_a_kept_pool_is_refilled_after_each_claim(cli: CLI) -> None:
     assert _fork(cli, "src", "r3")["timings"]["clone_method"] != "pool"
     assert _pool(cli) == []
     cli("rm", "--force", "r1", "r2", "r3")
+    _clean(cli)
+
+
+def test_vmfork_serve_takes_slots_and_refills_in_the_background(cli: CLI) -> None:
+    from tests.integration.test_api import start_server, stop_server
+
+    cli("pool", "fill", "src", "--size", "1", "--keep")
+    first = _pool(cli)[0]["id"]
+    server = start_server(cli.data_dir)
+    try:
+        with server.raw() as http:
+            r = http.post("/instances/src/fork", json={"name": "api1", "target_state": "running"})
+            assert r.status_code == 201, r.text
+            body = r.json()
+            assert body["timings"]["clone_method"] == "pool" and body["instances"][0]["id"] == first
+            deadline = time.monotonic() + 60
+            while not [s for s in _pool(cli) if s["state"] == "ready" and s["id"] != first]:
+                assert time.monotonic() < deadline, _pool(cli)
+                time.sleep(0.2)
+    finally:
+        assert stop_server(server) == 0
+    assert cli.sh("api1", "hostname").strip() == "api1"
+    cli("pool", "drain", "src")
+    cli("rm", "--force", "api1")
     _clean(cli)
 
 
