@@ -389,7 +389,7 @@ class Bench:
 
         m = self.source(fs)
         mnt = self.mounts[fs]
-        pooled, plain, bare, claim_ms, fill_ms, pss = [], [], [], [], [], []
+        pooled, plain, bare, claim_ms, fill_ms, pss, space = [], [], [], [], [], [], []
         phases: dict[str, list[float]] = {}
         self.say(f"[1e] fork from a warm pool on {fs} ({self.plan.breakdown_runs} runs)")
         for i in range(self.plan.breakdown_runs):
@@ -400,6 +400,8 @@ class Bench:
             os.sync()
             time.sleep(0.5)  # settled: what an idle slot holds
             pss += [r["pss_mib"] for r in pool_ops.ls(m) if r["pss_mib"] is not None]
+            slot_dirs = [s.dir for s in pool_ops.slots(m)]
+            space.append(sum(probes.extents(d / f).exclusive_bytes for d in slot_dirs for f in ("memory", "disk.raw")) / MiB)
             _, t = m.fork("base", f"pooled-{i}", target_state="running")
             if t.get("clone_method") != "pool":
                 raise RuntimeError(f"the fork did not take the pool's slot: {t}")
@@ -418,6 +420,7 @@ class Bench:
             self.add("pool_fork_phase_ms", v, "ms", **prm, phase=k.removesuffix("_s"))
         self.add("pool_fill_one_slot_ms", fill_ms, "ms", **prm)
         self.add("pool_slot_idle_pss_mib", pss, "MiB", **prm)
+        self.add("pool_slot_disk_exclusive_mib", space, "MiB", **prm)
         self.ratio("pool_fork_host_over_bare_restore", rec_pool, floor, fs=fs, pool="slot")
         self.ratio("pool_fork_host_over_bare_restore", rec_plain, floor, fs=fs, pool="none")
         self.ratio("pool_fork_host_pooled_over_unpooled", rec_pool, rec_plain, fs=fs)
