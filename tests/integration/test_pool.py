@@ -11,6 +11,8 @@ left (no VMM, no slot, no lock, no lease).
 from __future__ import annotations
 
 import os
+import random
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +27,7 @@ from tests.integration.test_fork_isolation import _qemu_pids_in, fingerprint
 pytestmark = [pytest.mark.vm]
 
 MEM = "128M"
+RANDOM_KILLS = int(os.environ.get("VMFORK_TEST_RANDOM_KILLS", "8"))
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +108,13 @@ def test_pooled_forks_are_isolated_and_run_beside_their_source(cli: CLI) -> None
     assert cli.sh("p2", "cat /run/sentinel /root/sentinel").split() == ["ram", "disk"]
     after = {f: fingerprint(snap / f) for f in ("memory", "state")} | {"disk": fingerprint(src_dir / "disk.raw")}
     assert after == before
+    # a pooled fork is an instance like any other: standby, restore, fork of it
+    cli("standby", "p1")
+    cli("fork", "p1", "p1-child", "--target-state", "running")
+    cli("restore", "p1")
+    for n in ("p1", "p1-child"):
+        assert cli.sh(n, "cat /run/sentinel /root/sentinel").split() == ["p1", "p1"]
+    cli("rm", "--force", "p1-child")
     # side by side with the source, each with its own hostname
     cli("restore", "src")
     for n in ("src", "p1", "p2"):
@@ -203,6 +213,37 @@ def test_a_killed_claim_is_recovered(cli: CLI, point: str) -> None:
     assert _pool(cli) == []  # a claim cut short consumes its slot
     cli("pool", "drain", "src")
     assert _pool(cli) == []
+
+
+def test_a_slot_whose_vmm_died_is_removed(cli: CLI) -> None:
+    cli("pool", "fill", "src", "--size", "2")
+    dead, alive = _pool(cli)
+    os.kill(dead["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{dead['pid']}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [s["id"] for s in _pool(cli)] == [alive["id"]]  # the next command recovered
+    assert _fork(cli, "src", "d1")["id"] == alive["id"]
+    cli("rm", "--force", "d1")
+    _clean(cli)
+
+
+@pytest.mark.parametrize("args", [["pool", "fill", "src", "--size", "1"],
+                                  ["fork", "src", "rk", "--target-state", "running"]])
+def test_random_kills_leave_nothing(cli: CLI, args: list[str]) -> None:
+    """SIGKILL at random moments (between the crashpoints too: a VMM spawned, not recorded)."""
+    rng = random.Random(16)
+    for _ in range(RANDOM_KILLS):
+        if args[0] == "fork":
+            cli("pool", "fill", "src", "--size", "1")
+        killed(cli, args, after=rng.uniform(0.2, 2.5))
+        _clean(cli)
+        assert cli.state("src") == "standby"
+        if cli("inspect", "rk", check=False).returncode == 0:
+            assert cli.state("rk") == "running"
+            cli("rm", "--force", "rk")
+        cli("pool", "drain", "src")
+    _clean(cli)
 
 
 def test_rm_of_a_source_drains_its_pool(cli: CLI) -> None:
