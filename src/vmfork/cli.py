@@ -593,6 +593,10 @@ from vmfork.image_cli import register as register_images  # noqa: E402
 
 register_images(sys.modules[__name__])  # 'image ...'
 
+from vmfork.pool_cli import register as register_pool  # noqa: E402
+
+register_pool(sys.modules[__name__])  # 'pool ...'
+
 from vmfork.fleet_cli import register as register_fleet  # noqa: E402
 
 register_fleet(sys.modules[__name__])  # 'fleet ...' (Ray is imported by a fleet command only)

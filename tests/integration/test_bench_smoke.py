@@ -30,6 +30,10 @@ EXPECTED = {
     "pool_prestart_ms": "ms",
     "pool_vmm_idle_pss_mib": "MiB",
     "pool_claim_over_bare_restore": "ratio",
+    "pool_fork_host_ms": "ms",
+    "pool_slot_idle_pss_mib": "MiB",
+    "pool_fork_host_over_bare_restore": "ratio",
+    "pool_fork_host_pooled_over_unpooled": "ratio",
     "cli_fork_standby_ms": "ms",
     "inprocess_fork_standby_ms": "ms",
     "cli_overhead_ms": "ms",
@@ -100,21 +104,23 @@ def test_bench_smoke_writes_complete_results(tmp_path: Path):
 
 
 def test_bench_only_runs_those_parts(tmp_path: Path):
-    """``--only breakdown,pool``: those parts' metrics and no others; the pooled VMM's guest
-    answered (the part raises otherwise); results go to OUT, no README is written."""
+    """``--only breakdown,pool,pooled``: those parts' metrics and no others; the pooled VMM's
+    guest answered and the warm pool's slot was taken (the parts raise otherwise); results go
+    to OUT, no README is written."""
     reason = vm_unavailable_reason() or loop_fs_unavailable_reason("xfs")
     if reason:
         pytest.skip(reason)
     out = tmp_path / "out"
     r = subprocess.run(
-        [sys.executable, "-m", "vmfork.bench", "--smoke", "--only", "breakdown,pool", "--out", str(out),
+        [sys.executable, "-m", "vmfork.bench", "--smoke", "--only", "breakdown,pool,pooled", "--out", str(out),
          "--work", str(tmp_path)],
         capture_output=True, text=True, timeout=600,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     records = json.loads((out / "results.json").read_text())["records"]
     metrics = {rec["metric"] for rec in records}
-    assert {"fork_host_over_bare_restore", "pool_claim_ms", "pool_claim_over_bare_restore"} <= metrics
+    assert {"fork_host_over_bare_restore", "pool_claim_ms", "pool_claim_over_bare_restore",
+            "pool_fork_host_over_bare_restore", "pool_slot_idle_pss_mib"} <= metrics
     assert not metrics & {"cli_startup_ms", "fork_standby_ms", "fanout_wall_ms", "vmm_pss_mib"}
     for rec in records:
         if rec["unit"] == "ratio":

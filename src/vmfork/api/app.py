@@ -37,6 +37,15 @@ class State:
 
         self.data_dir = data_dir
         self.mgr = Manager(data_dir)
+        from concurrent.futures import ThreadPoolExecutor
+
+        # a warm pool's refill after a fork took a slot: in the background, one at a time
+        self.refiller = ThreadPoolExecutor(1, thread_name_prefix="vmfork-pool-refill")
+
+        def refill(job: Callable[[], None]) -> None:
+            self.refiller.submit(job)
+
+        self.mgr.refill = refill
         self.metrics = Metrics()
         self.started = time.monotonic()
         self.limiter = anyio.CapacityLimiter(THREADS)
@@ -140,6 +149,7 @@ def create_app(data_dir: Path) -> FastAPI:
             yield
         finally:
             monitor.cancel()
+            st.refiller.shutdown(wait=True, cancel_futures=True)  # a refill under way ends whole
 
     app.router.lifespan_context = lifespan
     app.state.vmfork = st

@@ -54,6 +54,7 @@ PARTS: dict[str, str] = {
     "disk": "disk_per_fork",  # 5. disk per fork generation (+ 6. memory of running forks)
     "confine": "confinement_cost",  # 7. confinement on/off
     "pool": "pool_prototype",  # 1d. a pre-started VMM made a fork vs the bare restore
+    "pooled": "pooled_fork",  # 1e. fork to running from a warm pool's slot vs unpooled vs bare restore
     "density": "density_part",  # guest-RAM sharing of running forks, and the VMM's own PSS
 }
 
@@ -356,6 +357,73 @@ class Bench:
         self.add("pool_vmm_idle_pss_mib", pss, "MiB", **prm)
         self.add("pool_vmm_idle_uss_mib", uss, "MiB", **prm)
         self.ratio("pool_claim_over_bare_restore", claim_rec, floor, fs=fs)
+
+    def _bare(self, m: Manager, mnt: Path, i: int) -> float:
+        """One bare restore of ``base``'s snapshot (QEMU's command line, a raw QMP socket), ms."""
+        src = m.find("base")
+        snap = src.g.snapshot_latest
+        cfg = VMConfig.from_json({k: v for k, v in util.read_json(snap / "config.json").items() if k != "taken_at"})
+        b = mnt / f"bare-{i}"
+        (b / "run").mkdir(parents=True)
+        (b / "logs").mkdir()
+        clone_file(snap / "memory", b / "memory")
+        clone_file(src.g.disk, b / "disk.raw")
+        os.sync()
+        cfg.id = f"bare{i}"
+        r, p = bare_restore(QemuHypervisor().argv(cfg, m.image(cfg.image_digest), incoming=True), b, snap / "state")
+        bare_quit(p, b)
+        shutil.rmtree(b)
+        return ms(r.total_s)
+
+    def pooled_fork(self) -> None:
+        """Issue 16, wired in: ``Manager.fork(target_state="running")`` claiming a slot of a
+        warm pool (``vmfork.pool``, filled before and settled, untimed) against the same fork
+        without a pool and a bare restore of the same snapshot, alternating in one run; the
+        host side of each (the agent's answer excluded). Also each idle slot's PSS and what
+        filling one costs."""
+        for fs in self.mounts:  # XFS: slots are reflinks; ext4: copies (made at fill, off the path)
+            self._pooled_fork(fs)
+
+    def _pooled_fork(self, fs: str) -> None:
+        from vmfork.pool import ops as pool_ops
+
+        m = self.source(fs)
+        mnt = self.mounts[fs]
+        pooled, plain, bare, claim_ms, fill_ms, pss, space = [], [], [], [], [], [], []
+        phases: dict[str, list[float]] = {}
+        self.say(f"[1e] fork from a warm pool on {fs} ({self.plan.breakdown_runs} runs)")
+        for i in range(self.plan.breakdown_runs):
+            _, t = m.fork("base", f"unpooled-{i}", target_state="running")
+            plain.append(ms(t["total_s"] - t["fork_restore"]["agent_s"]))
+            m.rm(f"unpooled-{i}", force=True)
+            fill_ms.append(ms(pool_ops.fill(m, "base", 1)["seconds"]))
+            os.sync()
+            time.sleep(0.5)  # settled: what an idle slot holds
+            pss += [r["pss_mib"] for r in pool_ops.ls(m) if r["pss_mib"] is not None]
+            slot_dirs = [s.dir for s in pool_ops.slots(m)]
+            space.append(sum(probes.extents(d / f).exclusive_bytes for d in slot_dirs for f in ("memory", "disk.raw")) / MiB)
+            _, t = m.fork("base", f"pooled-{i}", target_state="running")
+            if t.get("clone_method") != "pool":
+                raise RuntimeError(f"the fork did not take the pool's slot: {t}")
+            pooled.append(ms(t["total_s"] - t["fork_restore"]["agent_s"]))
+            claim_ms.append(ms(t["clone_s"]))
+            for k in ("qmp_s", "load_s", "resume_s"):
+                phases.setdefault(k, []).append(ms(t["fork_restore"][k]))
+            m.rm(f"pooled-{i}", force=True)
+            bare.append(self._bare(m, mnt, i))
+        prm = {"fs": fs, "guest_mib": self.plan.base_mib}
+        floor = self.add("bare_restore_ms", bare, "ms", **prm, how="pooled fork comparison")
+        rec_pool = self.add("pool_fork_host_ms", pooled, "ms", **prm, pool="slot")
+        rec_plain = self.add("pool_fork_host_ms", plain, "ms", **prm, pool="none")
+        self.add("pool_fork_claim_commit_ms", claim_ms, "ms", **prm)
+        for k, v in phases.items():
+            self.add("pool_fork_phase_ms", v, "ms", **prm, phase=k.removesuffix("_s"))
+        self.add("pool_fill_one_slot_ms", fill_ms, "ms", **prm)
+        self.add("pool_slot_idle_pss_mib", pss, "MiB", **prm)
+        self.add("pool_slot_disk_exclusive_mib", space, "MiB", **prm)
+        self.ratio("pool_fork_host_over_bare_restore", rec_pool, floor, fs=fs, pool="slot")
+        self.ratio("pool_fork_host_over_bare_restore", rec_plain, floor, fs=fs, pool="none")
+        self.ratio("pool_fork_host_pooled_over_unpooled", rec_pool, rec_plain, fs=fs)
 
     def cli_overhead(self) -> None:
         """``vmfork fork`` as a command against the same call in-process (fork to standby)."""

@@ -199,6 +199,15 @@ class Hypervisor(ABC):
         to do (relative paths already name the fork's files)."""
         return False
 
+    def prestart(self, g: GuestDir, cfg: VMConfig, image: Image) -> ProcRef:
+        """Start the VMM of a restore ahead of it, waiting for its state (a warm pool's slot)."""
+        raise HypervisorError(f"{self.name}: no warm pool for this backend")
+
+    def restore_prestarted(self, g: GuestDir, proc: ProcRef, state_fd: int, *,
+                           before_resume: Callable[[], None] | None = None) -> RestoreResult:
+        """Load the state ``state_fd`` into the VMM ``prestart`` left waiting, and resume."""
+        raise HypervisorError(f"{self.name}: no warm pool for this backend")
+
     @abstractmethod
     def quit(self, g: GuestDir, proc: ProcRef) -> None:
         """Stop the VMM now (no guest shutdown)."""

@@ -378,6 +378,45 @@ class QemuHypervisor(Hypervisor):
             os.close(fd)
         return RestoreResult(proc, phases)
 
+    # --- a warm pool (vmfork.pool): restore split at the spawn -------------------------------
+    def prestart(self, g: GuestDir, cfg: VMConfig, image: Image) -> ProcRef:
+        """Start the VMM of a restore ahead of it, on the guest's own files (its mem-file and
+        disk already in place), and leave it waiting for the state (``-incoming defer``),
+        migration capabilities set. ``restore_prestarted`` completes it."""
+        _uncache_if_shared(g.memory)
+        proc = self._spawn(g, cfg, image, incoming=True)
+        try:
+            with self._qmp(g, proc) as q:
+                status = q.execute("query-status").get("status")
+                if status != "inmigrate":
+                    raise HypervisorError(f"the pre-started QEMU is '{status}', not waiting for a state")
+                q.set_migration_capabilities()
+                if cfg.tap:  # as restore: no self-announce
+                    q.execute("migrate-set-parameters", {"announce-rounds": 0})
+        except HypervisorError as e:
+            raise self._fail(g, proc, "pre-starting QEMU failed", e) from None
+        return proc
+
+    def restore_prestarted(self, g: GuestDir, proc: ProcRef, state_fd: int, *,
+                           before_resume: Callable[[], None] | None = None) -> RestoreResult:
+        """Load the device state ``state_fd`` into the VMM ``prestart`` left waiting, resume."""
+        t0 = time.monotonic()
+        try:
+            with self._qmp(g, proc) as q:
+                t_qmp = time.monotonic()
+                q.pass_fd(state_fd, "vmfork-state")
+                q.execute("migrate-incoming", {"uri": "fd:vmfork-state"})
+                q.wait_migration()
+                t_load = time.monotonic()
+                crashpoint("pool:loaded")
+                if before_resume is not None:
+                    before_resume()
+                q.execute("cont")
+                t_cont = time.monotonic()
+        except HypervisorError as e:
+            raise self._fail(g, proc, "restore failed", e) from None
+        return RestoreResult(proc, {"qmp_s": t_qmp - t0, "load_s": t_load - t_qmp, "resume_s": t_cont - t_load})
+
     def quit(self, g: GuestDir, proc: ProcRef) -> None:
         if not proc.alive():
             return

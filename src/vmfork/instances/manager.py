@@ -17,6 +17,7 @@ Rules every operation keeps:
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -27,7 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vmfork import confine, util
+from vmfork import confine, pool, util
 from vmfork.errors import (
     AgentError,
     AlreadyExists,
@@ -101,6 +102,9 @@ class Manager:
         """``create=False`` (read-only commands): the data dir is taken as it is, nothing is made."""
         self.dd = DataDir(root).ensure() if create else DataDir(root)
         self.progress: Progress = progress or (lambda _msg: None)
+        # Runs the refill of a warm pool after a fork took a slot (vmfork.pool): at once by
+        # default (the CLI, after the fork is done), in the background under 'vmfork serve'.
+        self.refill: Callable[[Callable[[], None]], None] = lambda job: job()
         cow_extsize = os.environ.get("VMFORK_COWEXTSIZE", "")
         size = int(cow_extsize) if cow_extsize.isdigit() else COW_EXTSIZE
         if size > 0 and create:  # inherited by every guest dir and file created from now on (XFS only)
@@ -173,6 +177,10 @@ class Manager:
         actions: list[str] = []
         if not self.dd.guests.is_dir():
             return actions  # a data dir not made yet (read-only view): nothing to recover
+        if pool.slot_dirs(self.dd.guests):
+            from vmfork.pool import ops as pool_ops
+
+            actions += pool_ops.recover(self)
         for d in sorted(self.dd.guests.iterdir()):
             if d.name.startswith((".tmp-", ".trash-")):
                 iid = d.name.split("-", 1)[1]
@@ -183,7 +191,7 @@ class Manager:
                         confine.release(self.dd.root, iid)
                         actions.append(f"removed unfinished {d.name}")
                 continue
-            if d.name.startswith(".") or not d.is_dir():
+            if d.name.startswith(".") or not d.is_dir() or pool.is_slot(d):
                 continue
             inst = Instance.load(d)
             if not (view.unfinished(inst) or snapshot_ops.batch_open(self, inst)):
@@ -312,7 +320,7 @@ class Manager:
                 raise AlreadyExists(f"instance '{name}' already exists (id {inst.id})")
 
     def _free_cid(self) -> int:
-        used = {i.cid for i in self.instances()}
+        used = {i.cid for i in self.instances()} | pool.cids(self.dd.guests)
         cid = 3
         while cid in used:
             cid += 1
@@ -644,6 +652,10 @@ class Manager:
             if st.proc is not None and not force:
                 raise WrongState(f"instance '{inst.name}' is running: stop it first or use 'rm --force'")
             self._destroy(inst)
+            if pool.slot_dirs(self.dd.guests):  # its warm pool goes with it
+                from vmfork.pool import ops as pool_ops
+
+                pool_ops.drain_of(self, inst.id)
 
     def _destroy(self, inst: Instance) -> None:
         """Remove the instance: renamed out of sight first (the commit point), then its VMM
@@ -920,51 +932,130 @@ class Manager:
         self._fork_network(src, publish)  # refused before any work
         timings: dict[str, Any] = {}
         t0 = time.monotonic()
-        iid = self._new_id()
         # The fork's lock is held from its clone until it is in its target state, so that
-        # no recovery takes it for the leftover of a crash meanwhile.
-        with self._instance_lock(iid, name, timeout=0):
-            with self._locked(src) as src:
-                was_running = self._check_forkable(src, self.status(src), from_running)
-                target = target_state or ("running" if was_running else "standby")
-                ram = src.memory_mib << 20  # a running fork and a running source claim all their RAM
-                claims = ([Claim(name, ram, ram)] if target == "running" else []) \
-                    + ([Claim(src.name, ram, ram)] if was_running else [])
-                if claims:
-                    self._admit(f"fork '{name}'", self.hypervisor(src), claims, overcommit=overcommit,
-                                replacing=(src.id,))
-                if was_running:
-                    timings["source_standby"] = self._standby_locked(src)
-                    crashpoint("fork:source-standby")
-                try:
-                    self._check_snapshot(src, "forked")
-                    timings["lookup_s"] = round(time.monotonic() - t0, 4)
-                    fork, stats, phases = self._clone(src, name, iid, None if target == "standby" else target,
-                                                      publish=publish)
-                    timings["clone_s"] = round(stats.seconds, 4)
-                    timings["clone_method"] = stats.method
-                    timings |= {k: round(v, 4) for k, v in phases.items()}
-                finally:
-                    if was_running:
-                        timings["source_restore"] = self._restore_locked(src)
+        # no recovery takes it for the leftover of a crash meanwhile. A fork to running
+        # takes a ready slot of its source's warm pool if there is one (vmfork.pool): the
+        # slot's lock is the fork's.
+        with contextlib.ExitStack() as locked:
+            slot = None
+            if target_state == "running" and not publish and pool.slot_dirs(self.dd.guests):
+                from vmfork.pool import ops as pool_ops
+
+                slot = pool_ops.reserve(self, src, name, locked)
+            iid = slot.iid if slot is not None else self._new_id()
+            if slot is None:
+                locked.enter_context(self._instance_lock(iid, name, timeout=0))
+            if slot is not None:
+                pooled = self._fork_from_slot(src, name, slot, overcommit, timings, t0)
+                if pooled is not None:
+                    return pooled
+            return self._fork_locked(src, name, iid, from_running, target_state, overcommit, publish,
+                                     timings, t0)
+        raise AssertionError("unreachable")
+
+    def _fork_from_slot(self, src: Instance, name: str, slot: pool.Slot, overcommit: bool,
+                        timings: dict[str, Any], t0: float) -> tuple[Instance, dict[str, Any]] | None:
+        """A fork to running made of a ready slot of its source's warm pool (its lock held).
+        None if the slot does not fit the source as it is now: the slot is removed and the
+        caller forks the usual way, under the same id and lock."""
+        from vmfork.pool import ops as pool_ops
+
+        with self._locked(src) as src:
+            st = self.status(src)
+            self._usable(src, st)
+            if st.state != "standby":  # a running source (--from-running) gets a new snapshot
+                pool_ops._discard(self, slot)
+                return None
+            self._check_snapshot(src, "forked")
+            ram = src.memory_mib << 20
+            self._admit(f"fork '{name}'", self.hypervisor(src), [Claim(name, ram, ram)], overcommit=overcommit,
+                        replacing=(src.id,))
+            timings["lookup_s"] = round(time.monotonic() - t0, 4)
+            t_claim = time.monotonic()
+            claimed = pool_ops.claim(self, src, slot, name)
+            if claimed is None:
+                return None
+            fork, fd = claimed
+            timings |= {"clone_s": round(time.monotonic() - t_claim, 4), "clone_method": "pool",
+                        "pool_slot": slot.iid}
+        try:
             crashpoint("fork:created")
             try:
-                if fork.network is not None and target != "running":  # its own namespace and
-                    t_net = time.monotonic()  # address from its creation (running: by its restore)
-                    from vmfork import network
-
-                    network.ensure(self.dd.root, fork.id, network.NetSpec.from_json(fork.network), fork.uid)
-                    timings["network_s"] = round(time.monotonic() - t_net, 4)
-                if target == "running":
-                    timings["fork_restore"] = self._restore_locked(fork)
-                elif target == "stopped":
-                    shutil.rmtree(fork.g.snapshot_latest)
+                timings["fork_restore"] = self._restore_prestarted(fork, fd)
                 crashpoint("fork:target-reached")
-                if fork.pending:
-                    self._set_metadata(fork, pending=None)
+                self._set_metadata(fork, pending=None)
             except BaseException:
-                self._destroy(fork)  # all or nothing: a fork that cannot reach its state goes
+                self._destroy(fork)  # all or nothing, as any fork
                 raise
+        finally:
+            os.close(fd)
+        timings["total_s"] = round(time.monotonic() - t0, 4)
+        if pool_ops.kept(self, src.id):  # off the fork's path: it runs already
+            self.refill(functools.partial(pool_ops.refill, self, src.id))
+        return fork, timings
+
+    def _restore_prestarted(self, fork: Instance, state_fd: int) -> dict[str, Any]:
+        """Bring a claimed slot's waiting VMM to running: load its source's device state."""
+        g, hv = fork.g, self.hypervisor(fork)
+        t0 = time.monotonic()
+        proc = vmm_record(g)
+        if proc is None:
+            raise HypervisorError(f"'{fork.name}': the pre-started VMM of its pool slot is gone")
+        with self._explain_vmm_death(fork):
+            restored = hv.restore_prestarted(g, proc, state_fd)
+        t_vmm = time.monotonic()
+        watchdog.ensure(self.dd.root)
+        agent_phases = self._agent_ready(fork, hv, proc, RESTORE_TIMEOUT, "restore")
+        t1 = time.monotonic()
+        phases = {k: round(v, 4) for k, v in (restored.phases | agent_phases).items()}
+        return {"pool": True, **phases, "vmm_s": round(t_vmm - t0, 4), "agent_s": round(t1 - t_vmm, 4),
+                "total_s": round(t1 - t0, 4)}
+
+    def _fork_locked(self, src: Instance, name: str, iid: str, from_running: bool, target_state: str | None,
+                     overcommit: bool, publish: tuple[Any, ...], timings: dict[str, Any],
+                     t0: float) -> tuple[Instance, dict[str, Any]]:
+        """``fork`` the usual way (clone, then restore), the fork's lock held."""
+        with self._locked(src) as src:
+            was_running = self._check_forkable(src, self.status(src), from_running)
+            target = target_state or ("running" if was_running else "standby")
+            ram = src.memory_mib << 20  # a running fork and a running source claim all their RAM
+            claims = ([Claim(name, ram, ram)] if target == "running" else []) \
+                + ([Claim(src.name, ram, ram)] if was_running else [])
+            if claims:
+                self._admit(f"fork '{name}'", self.hypervisor(src), claims, overcommit=overcommit,
+                            replacing=(src.id,))
+            if was_running:
+                timings["source_standby"] = self._standby_locked(src)
+                crashpoint("fork:source-standby")
+            try:
+                self._check_snapshot(src, "forked")
+                timings["lookup_s"] = round(time.monotonic() - t0, 4)
+                fork, stats, phases = self._clone(src, name, iid, None if target == "standby" else target,
+                                                  publish=publish)
+                timings["clone_s"] = round(stats.seconds, 4)
+                timings["clone_method"] = stats.method
+                timings |= {k: round(v, 4) for k, v in phases.items()}
+            finally:
+                if was_running:
+                    timings["source_restore"] = self._restore_locked(src)
+        crashpoint("fork:created")
+        try:
+            if fork.network is not None and target != "running":  # its own namespace and
+                t_net = time.monotonic()  # address from its creation (running: by its restore)
+                from vmfork import network
+
+                network.ensure(self.dd.root, fork.id, network.NetSpec.from_json(fork.network), fork.uid)
+                timings["network_s"] = round(time.monotonic() - t_net, 4)
+            if target == "running":
+                timings["fork_restore"] = self._restore_locked(fork)
+            elif target == "stopped":
+                shutil.rmtree(fork.g.snapshot_latest)
+            crashpoint("fork:target-reached")
+            if fork.pending:
+                self._set_metadata(fork, pending=None)
+        except BaseException:
+            self._destroy(fork)  # all or nothing: a fork that cannot reach its state goes
+            raise
         timings["total_s"] = round(time.monotonic() - t0, 4)
         return fork, timings
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from vmfork.instances import integrity
 from vmfork.instances.model import Instance
 from vmfork.layout import GuestDir
+from vmfork.pool import Slot, is_slot, problem, slot_dirs
 from vmfork.procs import ProcRef, recorded
 from vmfork.util import is_id
 
@@ -44,7 +45,7 @@ def instances(guests: Path) -> list[Instance]:
     ``problem``), by creation time."""
     out = []
     for d in sorted(guests.iterdir()) if guests.is_dir() else []:
-        if d.name.startswith(".") or not d.is_dir():
+        if d.name.startswith(".") or not d.is_dir() or is_slot(d):  # a warm pool's slot: not an instance
             continue
         out.append(Instance.load(d))
     return sorted(out, key=lambda i: (i.created_at, i.name))
@@ -177,6 +178,8 @@ def needs_recovery(root: Path, insts: list[Instance] | None = None) -> bool:
     if next(unrecorded_vmms(guests), None) is not None:
         return True
     if stale_locks(root):
+        return True
+    if any(problem(Slot.load(d), guests) for d in slot_dirs(guests)):  # a warm pool's slot to remove
         return True
     for d, prefixes in ((root / "snapshots", (".tmp-", ".trash-", ".import-")), (root / "images" / "oci", (".tmp-",))):
         if d.is_dir() and any(n.startswith(prefixes) for n in os.listdir(d)):
