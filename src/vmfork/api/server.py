@@ -110,12 +110,13 @@ def _unlink_if_ours(path: Path, bound: os.stat_result) -> None:
     """Remove the socket file this server made, not one a newer server bound meanwhile (the
     old one stops listening first, then waits for its requests: a new ``serve`` in that gap
     takes the path as stale and binds a new file there). An inode number is reused at once, so
-    a file counts as ours only with the same inode and ctime, and when nobody answers on it."""
+    a file counts as ours only with the same inode and mtime (its ctime changes with a chmod),
+    and when nobody answers on it."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
         return
-    if (st.st_dev, st.st_ino, st.st_ctime_ns) != (bound.st_dev, bound.st_ino, bound.st_ctime_ns):
+    if (st.st_dev, st.st_ino, st.st_mtime_ns) != (bound.st_dev, bound.st_ino, bound.st_mtime_ns):
         return
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
