@@ -117,6 +117,21 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
+def drop_page_cache(path: Path) -> None:
+    """Drop the page cache of the file ``path`` (``POSIX_FADV_DONTNEED``): its clean pages
+    that no process maps go; dirty ones stay (fsync first). Best effort: an error is ignored."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
     """Write ``data`` to ``path`` via a temp file in the same dir and rename()."""
     import tempfile
