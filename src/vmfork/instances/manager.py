@@ -782,8 +782,7 @@ class Manager:
 
     def _commit_snapshot(self, g: GuestDir) -> None:
         """Make .snapshot-tmp durable and rename it to snapshot-latest (the commit point)."""
-        integrity.fsync_snapshot(g.snapshot_tmp)  # memory: only the pages dirtied since the last one
-        util.fsync_file(g.disk)
+        integrity.fsync_snapshot(g.snapshot_tmp, g.disk)  # memory: only the pages dirtied since the last one
         os.rename(g.snapshot_tmp, g.snapshot_latest)
         util.fsync_dir(g.snapshots)
 
