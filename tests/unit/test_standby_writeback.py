@@ -1,6 +1,6 @@
-"""The pieces of a standby's commit that make it cost what the guest dirtied: the early
-writeback of the RAM file, the fsyncs issued together, the page-cache drop, and the refusal
-of a device-state-only save of a VMM whose RAM is a private mapping (on this very process)."""
+"""The pieces of a standby's commit that make it cost what the guest dirtied: the fsyncs
+issued together, the page-cache drop, and the refusal of a device-state-only save of a VMM
+whose RAM is a private mapping (on this very process)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from vmfork import util
 from vmfork.bench.probes import cache_stat
 from vmfork.errors import HypervisorError
 from vmfork.hypervisor import shared_ram
-from vmfork.hypervisor.writeback import early_writeback
 
 MiB = 1 << 20
 
@@ -30,24 +29,6 @@ def _dirty_file(path: Path, mib: int) -> None:
     with open(path, "wb") as f:
         for _ in range(mib * 256):  # 4 KiB writes
             f.write(os.urandom(16) * 256)
-
-
-def test_early_writeback_leaves_nothing_dirty(tmp_path: Path) -> None:
-    f = tmp_path / "memory"
-    _dirty_file(f, 4)
-    dirty = _stat(f)[1]
-    if dirty == 0:
-        pytest.skip(f"{tmp_path} keeps no dirty page cache (tmpfs?): no writeback to start")
-    assert dirty >= 3 * MiB
-    with early_writeback(f):
-        pass
-    assert _stat(f)[1] == 0  # every dirty page was handed to writeback (or written)
-    assert f.stat().st_size == 4 * MiB
-
-
-def test_early_writeback_of_a_missing_file_is_a_no_op(tmp_path: Path) -> None:
-    with early_writeback(tmp_path / "nope"):
-        pass
 
 
 def test_fsync_together_makes_all_durable_and_raises_the_error(tmp_path: Path) -> None:

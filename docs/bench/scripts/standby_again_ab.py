@@ -1,21 +1,20 @@
 """Second standby after 1 MiB dirtied vs the first: vmfork before and after the change that
-saves the device state alone, drops a cold boot's page cache once and starts the RAM
-writeback at 'stop' (issue 16), interleaved in one process (a fresh 256 MiB guest per round
+saves the device state alone, drops a cold boot's page cache once and issues the commit's
+fsyncs together (issue 16), interleaved in one process (a fresh 256 MiB guest per round
 and variant on one loop XFS; in-process Manager, as the bench's standby part).
 
     PYTHONPATH=src python docs/bench/scripts/standby_again_ab.py WORK ROUNDS [VARIANT...]
 
 WORK: a scratch dir (a loop XFS is made under it). Variants (default: all three):
-- ``before``: the standby as it was (a migration to an fd, no drop, no early writeback, one
-  fsync after another at the commit);
-- ``after``: device state alone (``xen-save-devices-state``), the writeback started at
-  'stop', the commit's fsyncs issued together, and the page-cache drop after the first standby;
+- ``before``: the standby as it was (a migration to an fd, no drop, one fsync after another
+  at the commit);
+- ``after``: device state alone (``xen-save-devices-state``), the commit's fsyncs issued
+  together, and the page-cache drop after the first standby (what this vmfork does);
 - ``nodrop``: ``after`` without the drop.
 Prints one JSON line per run, then medians and ranges. ``first_less_drop`` is the first
 standby without its page-cache drop (the drop's cost charged to the next restore instead).
 """
 
-import contextlib
 import json
 import os
 import statistics
@@ -31,7 +30,7 @@ from vmfork.instances.manager import Manager
 
 work, rounds = Path(sys.argv[1]), int(sys.argv[2])
 variants = sys.argv[3:] or ["before", "after", "nodrop"]
-new_save_state, new_drop, new_wb = qemu.QemuHypervisor._save_state, util.drop_page_cache, qemu.early_writeback
+new_save_state, new_drop = qemu.QemuHypervisor._save_state, util.drop_page_cache
 new_together = util.fsync_together
 
 
@@ -54,7 +53,6 @@ def old_save_state(self, q, g, cfg, proc, into, fd):  # vmfork 1c6e8ab
 def use(v: str) -> None:
     qemu.QemuHypervisor._save_state = old_save_state if v == "before" else new_save_state
     util.drop_page_cache = new_drop if v == "after" else (lambda p: None)
-    qemu.early_writeback = (lambda p: contextlib.nullcontext()) if v == "before" else new_wb
     util.fsync_together = one_by_one if v == "before" else new_together
 
 

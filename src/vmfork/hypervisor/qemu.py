@@ -35,7 +35,6 @@ from vmfork.hypervisor.base import (
     tail,
 )
 from vmfork.hypervisor.thp import popen_without_ram_thp, ram_thp_kept
-from vmfork.hypervisor.writeback import early_writeback
 from vmfork.images import Image
 from vmfork.layout import GuestDir, short_path
 from vmfork.procs import ProcRef
@@ -264,38 +263,34 @@ class QemuHypervisor(Hypervisor):
         # restore after that reads them from disk instead of the page cache. With QEMU's
         # huge-page advice kept (VMFORK_QEMU_THP=1) the restore makes large folios anyway.
         uncache = cfg.snapshot_type != shared_ram.DEVICES and not cfg.template and not ram_thp_kept()
-        with contextlib.ExitStack() as background:
-            fd = os.open(into / "state", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        fd = os.open(into / "state", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            with self._qmp(g, proc) as q:
+                t_qmp = time.monotonic()
+                q.execute("stop")
+                self._save_state(q, g, cfg, proc, into, fd)
+                t_state = time.monotonic()
+                crashpoint("standby:state-written")
+                if state_written is not None:
+                    state_written()  # from here on, a crash rolls the standby forward
+                crashpoint("standby:marked")
+                q.quit()
+        except HypervisorError as e:
+            # The guest is paused or still running; leave it running rather than lose it.
             try:
-                with self._qmp(g, proc) as q:
-                    t_qmp = time.monotonic()
-                    q.execute("stop")
-                    # the guest writes no more RAM: its writeback runs while QEMU saves and quits
-                    background.enter_context(early_writeback(g.memory))
-                    self._save_state(q, g, cfg, proc, into, fd)
-                    t_state = time.monotonic()
-                    crashpoint("standby:state-written")
-                    if state_written is not None:
-                        state_written()  # from here on, a crash rolls the standby forward
-                    crashpoint("standby:marked")
-                    q.quit()
-            except HypervisorError as e:
-                # The guest is paused or still running; leave it running rather than lose it.
-                try:
-                    with self._qmp(g, proc, timeout=2) as q:
-                        q.execute("cont")
-                except HypervisorError:
-                    pass
-                raise HypervisorError(f"standby failed, guest left running: {e}") from None
-            finally:
-                os.close(fd)
-            t_quit = time.monotonic()
-            if not proc.wait_exit(10):
-                proc.kill()
-            t1 = time.monotonic()
-        t_wb = time.monotonic()  # the writeback started at 'stop' has been submitted
+                with self._qmp(g, proc, timeout=2) as q:
+                    q.execute("cont")
+            except HypervisorError:
+                pass
+            raise HypervisorError(f"standby failed, guest left running: {e}") from None
+        finally:
+            os.close(fd)
+        t_quit = time.monotonic()
+        if not proc.wait_exit(10):
+            proc.kill()
+        t1 = time.monotonic()
         return SaveResult({"qmp_s": t_qmp - t0, "state_s": t_state - t_qmp, "quit_s": t_quit - t_state,
-                           "exit_s": t1 - t_quit, "writeback_s": t_wb - t1}, uncache_memory=uncache)
+                           "exit_s": t1 - t_quit}, uncache_memory=uncache)
 
     def _save_state(self, q: QMP, g: GuestDir, cfg: VMConfig, proc: ProcRef, into: Path, fd: int) -> None:
         """Write the stopped guest's ``state`` into ``into`` (``fd`` is ``into/state``): the
