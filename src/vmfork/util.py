@@ -117,6 +117,50 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
+def fsync_together(paths: list[Path]) -> None:
+    """fsync every file (or dir) of ``paths``, each in its own thread, and return when all
+    are durable; the first error is raised (after all have ended). One fsync after another
+    costs one journal commit each (XFS: a log force, ~0.5-1 ms on an idle loop device, more
+    under load); issued together they share the commits."""
+    if len(paths) < 2:
+        for p in paths:
+            fsync_file(p)
+        return
+    import threading
+
+    errors: list[BaseException] = []
+
+    def one(p: Path) -> None:
+        try:
+            fsync_file(p)
+        except BaseException as e:  # handed to the caller below
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(p,), name="vmfork-fsync", daemon=True) for p in paths[1:]]
+    for t in threads:
+        t.start()
+    one(paths[0])
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+
+
+def drop_page_cache(path: Path) -> None:
+    """Drop the page cache of the file ``path`` (``POSIX_FADV_DONTNEED``): its clean pages
+    that no process maps go; dirty ones stay (fsync first). Best effort: an error is ignored."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
     """Write ``data`` to ``path`` via a temp file in the same dir and rename()."""
     import tempfile

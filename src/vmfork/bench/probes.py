@@ -129,8 +129,8 @@ def allocated_bytes(path: Path) -> int:
 _NR_CACHESTAT = 451  # x86_64 and the generic table (aarch64); Linux 6.5+
 
 
-def dirty_bytes(path: Path) -> int | None:
-    """Bytes of ``path``'s page cache that are dirty (cachestat(2)), or None if unknown."""
+def cache_stat(path: Path) -> tuple[int, int] | None:
+    """Bytes of ``path``'s page cache: (cached, dirty) (cachestat(2)), or None if unknown."""
     import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)
@@ -145,7 +145,14 @@ def dirty_bytes(path: Path) -> int | None:
             return None
     finally:
         os.close(fd)
-    return int(out[1]) * os.sysconf("SC_PAGE_SIZE")
+    page = os.sysconf("SC_PAGE_SIZE")
+    return int(out[0]) * page, int(out[1]) * page
+
+
+def dirty_bytes(path: Path) -> int | None:
+    """Bytes of ``path``'s page cache that are dirty (cachestat(2)), or None if unknown."""
+    st = cache_stat(path)
+    return None if st is None else st[1]
 
 
 # --- process memory ---------------------------------------------------------------------------

@@ -89,6 +89,10 @@ class SaveResult:
     """What ``Hypervisor.save`` did: seconds per phase (for timings and the bench)."""
 
     phases: dict[str, float] = field(default_factory=dict)
+    # True: the mem-file's page cache is left in a shape that makes the next standby write
+    # back more than the guest dirtied (a cold boot's large folios, ``QemuHypervisor.save``):
+    # the manager drops it once the snapshot is durable.
+    uncache_memory: bool = False
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """QEMU backend: one qemu-system-x86_64 process per running instance, driven over QMP.
 
-Guest RAM is ``memory-backend-file,share=on`` on ``<guest>/memory``. Standby migrates only
-device state (``x-ignore-shared``) and moves the RAM file into the snapshot (same inode, no
-copy); restore moves it back and resumes on it. Facts behind the choices:
+Guest RAM is ``memory-backend-file,share=on`` on ``<guest>/memory``. Standby saves only the
+device state (``xen-save-devices-state``) and moves the RAM file into the snapshot (same
+inode, no copy); restore moves it back and resumes on it. Facts behind the choices:
 shared/notes/qemu-on-these-machines.md.
 """
 
@@ -39,7 +39,7 @@ from vmfork.images import Image
 from vmfork.layout import GuestDir, short_path
 from vmfork.procs import ProcRef
 from vmfork.supervisor import death_cause
-from vmfork.util import crashpoint
+from vmfork.util import crashpoint, drop_page_cache
 
 if TYPE_CHECKING:
     from vmfork.hypervisor.qmp import QMP
@@ -252,6 +252,17 @@ class QemuHypervisor(Hypervisor):
     def save(self, g: GuestDir, cfg: VMConfig, proc: ProcRef, into: Path, *,
              state_written: Callable[[], None] | None = None) -> SaveResult:
         t0 = time.monotonic()
+        # A VMM that did not start from a device-state snapshot (a cold boot, or a restore of
+        # a snapshot of an earlier vmfork) filled the page cache of its mem-file with large
+        # folios: QEMU loading the kernel and the boot's first touches of the sparse file ramp
+        # the mmap readahead's folio order up. Writeback is per folio, so each 4 KiB page the
+        # restored guest then dirties would cost its whole folio at every later standby (1 MiB
+        # dirtied: ~14 MiB written back). Dropped once, after this standby, the restored guest
+        # faults its pages in as 4 KiB folios and later standbys write back about what it
+        # dirtied (~4.6 MiB for 1 MiB: the guest kernel and agent dirty some too); the
+        # restore after that reads them from disk instead of the page cache. With QEMU's
+        # huge-page advice kept (VMFORK_QEMU_THP=1) the restore makes large folios anyway.
+        uncache = cfg.snapshot_type != shared_ram.DEVICES and not cfg.template and not ram_thp_kept()
         fd = os.open(into / "state", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             with self._qmp(g, proc) as q:
@@ -279,39 +290,36 @@ class QemuHypervisor(Hypervisor):
             proc.kill()
         t1 = time.monotonic()
         return SaveResult({"qmp_s": t_qmp - t0, "state_s": t_state - t_qmp, "quit_s": t_quit - t_state,
-                           "exit_s": t1 - t_quit})
+                           "exit_s": t1 - t_quit}, uncache_memory=uncache)
 
     def _save_state(self, q: QMP, g: GuestDir, cfg: VMConfig, proc: ProcRef, into: Path, fd: int) -> None:
-        """Write the stopped guest's ``state`` into ``into`` (``fd`` is ``into/state``).
+        """Write the stopped guest's ``state`` into ``into`` (``fd`` is ``into/state``): the
+        device state alone, with ``xen-save-devices-state`` (one QMP command, no RAM section).
 
-        A fork running from a template (``shared_ram``): its own pages into its own clone
-        ``g.memory``, then the device state alone; the snapshot's config says so
-        (``cfg.snapshot_type``, ``cfg.template`` cleared: its mem-file is the whole RAM now).
-        A guest restored from such a snapshot: the device state alone again (it runs with
-        ``migration.send-configuration=off``, and QEMU 10's migration then aborts on an
-        assertion, ``leave_container: Assertion `depth' failed``, writing its stream's JSON
-        description; 7.2 did not). Any other guest: the device state by migration, its RAM
-        being its shared file. (``cfg`` is the one the VMM was started with.)
+        The RAM needs no stream: a guest on its own mem-file (``share=on``) has it in that file
+        already, and a fork running from a template (``shared_ram``) has its own pages written
+        first into its own clone ``g.memory``, which is then its whole RAM. A migration to an
+        fd (what this was before) walked the RAM blocks to skip them (``x-ignore-shared``) and
+        took ~11 ms of QMP round trips and polling against ~3 ms for this one command.
+        The snapshot's config says so (``cfg.snapshot_type`` = ``DEVICES``, ``cfg.template``
+        cleared): its restore runs with ``migration.send-configuration=off`` (this stream has
+        no configuration section). The file is passed by fd (an fd set): a confined VMM
+        cannot create a file in snapshots/ (nor see the path). ``cfg`` is the one the VMM was
+        started with.
         """
         size = cfg.memory_mib << 20
         m = shared_ram.mapping_of(proc.pid, Path(cfg.template), size) if cfg.template else None
         if m is not None:
             ram = shared_ram.PrivateRam(proc.pid, m.start, shared_ram.private_pages(proc.pid, m.start, size))
             shared_ram.write_private(ram, g.memory, m)
-        if m is not None or cfg.snapshot_type == shared_ram.DEVICES:
-            # By fd: a confined VMM cannot create a file in snapshots/ (nor see the path)
-            fdset = q.add_fd(fd)
-            try:
-                q.execute("xen-save-devices-state", {"filename": f"/dev/fdset/{fdset}", "live": False})
-            finally:
-                q.execute("remove-fd", {"fdset-id": fdset})
-            cfg.template, cfg.snapshot_type = "", shared_ram.DEVICES
-            return
-        q.set_migration_capabilities()
-        q.pass_fd(fd, "vmfork-state")
-        q.execute("migrate", {"uri": "fd:vmfork-state"})
-        q.wait_migration()  # completed: QEMU has written and flushed the whole stream
-        cfg.template = ""
+        elif cfg.template:  # named, but not found mapped: the VMM must run on its own file
+            shared_ram.check_ram_not_private(proc.pid, size)
+        fdset = q.add_fd(fd)
+        try:
+            q.execute("xen-save-devices-state", {"filename": f"/dev/fdset/{fdset}", "live": False})
+        finally:
+            q.execute("remove-fd", {"fdset-id": fdset})
+        cfg.template, cfg.snapshot_type = "", shared_ram.DEVICES
 
     def snapshot_live(self, g: GuestDir, cfg: VMConfig, proc: ProcRef, into: Path, *,
                       while_paused: Callable[[], None]) -> SaveResult:
@@ -467,15 +475,5 @@ def _uncache_if_shared(memory: Path) -> None:
     has forks (its pages are read from disk again: 101 instead of 55 ms for a 256 MiB guest
     here, docs/bench).
     """
-    if not has_shared_extents(memory):
-        return
-    try:
-        fd = os.open(memory, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    if has_shared_extents(memory):
+        drop_page_cache(memory)

@@ -156,6 +156,24 @@ def mapping_of(pid: int, template: Path, size: int) -> Mapping | None:
     return None
 
 
+def check_ram_not_private(pid: int, size: int) -> None:
+    """Refuse a device-state-only save of a VMM whose guest RAM is a private file mapping
+    that ``mapping_of`` did not find (its own pages would not be saved): any private mapping
+    of a file, at offset 0, of exactly the RAM's size."""
+    try:
+        lines = Path(f"/proc/{pid}/maps").read_text().splitlines()
+    except OSError as e:
+        raise HypervisorError(f"cannot read the mappings of VMM {pid}: {e.strerror}") from None
+    for line in lines:
+        f = line.split(maxsplit=5)
+        if len(f) < 6 or f[1][3] != "p" or int(f[2], 16) != 0 or f[4] == "0" or not f[5].startswith("/"):
+            continue
+        lo, hi = (int(x, 16) for x in f[0].split("-"))
+        if hi - lo == size:
+            raise HypervisorError(f"the guest RAM of VMM {pid} is a private mapping of {f[5]}, "
+                                  "not of its template: refusing a snapshot without its own pages")
+
+
 def private_pages(pid: int, start: int, size: int) -> list[int]:
     """Pages of the mapping at ``start`` that are the process's own: present and not a file
     page, or swapped out (an anonymous page). Read from ``/proc/PID/pagemap``."""

@@ -84,10 +84,9 @@ def problem(snap: Path, memory_bytes: int) -> str | None:
     return None
 
 
-def fsync_snapshot(snap: Path) -> None:
-    """Make every file of ``snap`` durable (the memory file: only the pages dirtied since)."""
+def fsync_snapshot(snap: Path, *also: Path) -> None:
+    """Make every file of ``snap`` durable (the memory file: only the pages dirtied since),
+    ``snap`` itself and the files ``also``, all fsyncs issued together."""
     from vmfork import util
 
-    for name in os.listdir(snap):
-        util.fsync_file(snap / name)
-    util.fsync_dir(snap)
+    util.fsync_together([*(snap / name for name in os.listdir(snap)), snap, *also])
