@@ -15,6 +15,8 @@ TARGETS: list[tuple[str, dict[str, Any], str, Any]] = [
     ("fork_growth_largest_over_smallest", {"fs": "xfs"}, "≤ 1.5x", lambda v: v <= 1.5),
     ("fork_over_copy", {"fs": "xfs", "guest_mib": 2048}, "< 0.5x", lambda v: v < 0.5),
     ("fork_host_over_bare_restore", {}, "≤ 1.2x", lambda v: v <= 1.2),
+    # issue 16: the same with a warm pool's slot (vmfork pool fill)
+    ("pool_fork_host_over_bare_restore", {"pool": "slot"}, "≤ 1.1x", lambda v: v <= 1.1),
     ("standby_again_over_first", {"config": "vmfork", "dirtied": "1 MiB"}, "≤ 0.2x", lambda v: v <= 0.2),
     ("fork_over_copy_same_files", {"fs": "ext4"}, "≤ 1.1x", lambda v: v <= 1.1),
     ("fork_over_copy_same_files", {"fs": "ext4-root"}, "≤ 1.1x", lambda v: v <= 1.1),
@@ -68,6 +70,14 @@ SHOWN: list[tuple[str, dict[str, Any] | None]] = [
     ("confine_fork_host_on_over_off", None),
     ("confine_fork_running_on_over_off", None),
     ("confine_boot_on_over_off", None),
+    ("pool_fork_host_ms", None),
+    ("pool_fork_host_over_bare_restore", None),
+    ("pool_fork_host_pooled_over_unpooled", None),
+    ("pool_fork_claim_commit_ms", None),
+    ("pool_fork_phase_ms", None),
+    ("pool_fill_one_slot_ms", None),
+    ("pool_slot_idle_pss_mib", None),
+    ("pool_slot_disk_exclusive_mib", None),
 ]
 
 
