@@ -20,7 +20,7 @@ from typing import Any
 
 from vmfork import util
 from vmfork.bench import probes
-from vmfork.bench.bare import bare_quit, bare_restore, claim, prestart
+from vmfork.bench.bare import BareRestore, bare_quit, bare_restore, claim, prestart
 from vmfork.bench.density import density
 from vmfork.bench.stats import Record, median, ratio_record, record
 from vmfork.forkvm import clone_file
@@ -245,11 +245,6 @@ class Bench:
             self._fork_breakdown(m, fs, mnt, config)
 
     def _fork_breakdown(self, m: Manager, fs: str, mnt: Path, config: str) -> None:
-        src = m.find("base")
-        snap = src.g.snapshot_latest
-        cfg = VMConfig.from_json({k: v for k, v in util.read_json(snap / "config.json").items() if k != "taken_at"})
-        image = m.image(cfg.image_digest)
-        hv = QemuHypervisor()
         phases: dict[str, list[float]] = {}
         host, total, bare, bare_qmp, bare_load = [], [], [], [], []
         self.say(f"[1] fork breakdown on {fs}/{config} ({self.plan.breakdown_runs} runs)")
@@ -265,20 +260,10 @@ class Bench:
             host.append(ms(t["total_s"] - fr["agent_s"]))
             total.append(ms(t["total_s"]))
             m.rm(f"bd-{i}", force=True)
-            # the floor: the same snapshot, QEMU's command line, a raw QMP socket
-            b = mnt / f"bare-{i}"
-            (b / "run").mkdir(parents=True)
-            (b / "logs").mkdir()
-            clone_file(snap / "memory", b / "memory")
-            clone_file(src.g.disk, b / "disk.raw")
-            os.sync()
-            cfg.id = f"bare{i}"
-            r, p = bare_restore(hv.argv(cfg, image, incoming=True), b, snap / "state")
+            r = self._bare(m, mnt, i)  # the floor
             bare.append(ms(r.total_s))
             bare_qmp.append(ms(r.spawn_to_qmp_s))
             bare_load.append(ms(r.load_s))
-            bare_quit(p, b)
-            shutil.rmtree(b)
         names = {"lookup_s": "lookup+lock", "clone_s": "clone", "metadata_s": "metadata", "sync_s": "fsync",
                  "restore_prep_s": "restore prep", "restore_spawn_s": "VMM spawn",
                  "restore_qmp_s": "QMP handshake", "restore_load_s": "state load", "restore_resume_s": "resume",
@@ -316,17 +301,7 @@ class Bench:
         from vmfork.guest.agent import AgentClient
 
         for i in range(self.plan.breakdown_runs):
-            b = mnt / f"bare-{i}"
-            (b / "run").mkdir(parents=True)
-            (b / "logs").mkdir()
-            clone_file(snap / "memory", b / "memory")
-            clone_file(src.g.disk, b / "disk.raw")
-            os.sync()
-            cfg.id = f"bare{i}"
-            r, p = bare_restore(hv.argv(cfg, image, incoming=True), b, snap / "state")
-            bare.append(ms(r.total_s))
-            bare_quit(p, b)
-            shutil.rmtree(b)
+            bare.append(ms(self._bare(m, mnt, i).total_s))
             stage, final = mnt / f"pool-stage-{i}", mnt / f"pooled-{i}"
             cfg.id = f"pooled{i}"
             pre = prestart(hv.argv(cfg, image, incoming=True), stage, sizes)
@@ -358,8 +333,9 @@ class Bench:
         self.add("pool_vmm_idle_uss_mib", uss, "MiB", **prm)
         self.ratio("pool_claim_over_bare_restore", claim_rec, floor, fs=fs)
 
-    def _bare(self, m: Manager, mnt: Path, i: int) -> float:
-        """One bare restore of ``base``'s snapshot (QEMU's command line, a raw QMP socket), ms."""
+    def _bare(self, m: Manager, mnt: Path, i: int) -> BareRestore:
+        """One bare restore of ``base``'s snapshot (QEMU's command line, a raw QMP socket) on
+        clones of its files in a dir of its own, quit and removed after: the floor."""
         src = m.find("base")
         snap = src.g.snapshot_latest
         cfg = VMConfig.from_json({k: v for k, v in util.read_json(snap / "config.json").items() if k != "taken_at"})
@@ -373,7 +349,7 @@ class Bench:
         r, p = bare_restore(QemuHypervisor().argv(cfg, m.image(cfg.image_digest), incoming=True), b, snap / "state")
         bare_quit(p, b)
         shutil.rmtree(b)
-        return ms(r.total_s)
+        return r
 
     def pooled_fork(self) -> None:
         """Issue 16, wired in: ``Manager.fork(target_state="running")`` claiming a slot of a
@@ -410,7 +386,7 @@ class Bench:
             for k in ("qmp_s", "load_s", "resume_s"):
                 phases.setdefault(k, []).append(ms(t["fork_restore"][k]))
             m.rm(f"pooled-{i}", force=True)
-            bare.append(self._bare(m, mnt, i))
+            bare.append(ms(self._bare(m, mnt, i).total_s))
         prm = {"fs": fs, "guest_mib": self.plan.base_mib}
         floor = self.add("bare_restore_ms", bare, "ms", **prm, how="pooled fork comparison")
         rec_pool = self.add("pool_fork_host_ms", pooled, "ms", **prm, pool="slot")
