@@ -8,7 +8,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -58,6 +58,16 @@ def _table(**kw: Any) -> Any:
     from rich.table import Table
 
     return Table(**kw)
+
+
+def _print_table(cols: tuple[str, ...], rows: Iterable[tuple[str, ...]]) -> None:
+    """A plain table (rich imported here: only a human listing needs it), cells escaped."""
+    t = _table(box=None, pad_edge=False)
+    for col in cols:
+        t.add_column(col)
+    for r in rows:
+        t.add_row(*map(_clean, r))
+    out.print(t)
 
 
 def _fail(e: VmforkError) -> NoReturn:

@@ -28,18 +28,7 @@ def register(cli: Any) -> None:
     main: click.Group = cli.main
     pass_ctx: Deco = cli.pass_ctx
     json_opt: Deco = cli.json_opt
-    out, err, _emit, _clean = cli.out, cli.err, cli._emit, cli._clean
-
-    def _print_table(cols: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
-        """A plain table (rich imported here: only a human listing needs it), cells escaped."""
-        from rich.table import Table
-
-        t = Table(box=None, pad_edge=False)
-        for col in cols:
-            t.add_column(col)
-        for r in rows:
-            t.add_row(*map(_clean, r))
-        out.print(t)
+    out, err, _emit, _clean, _print_table = cli.out, cli.err, cli._emit, cli._clean, cli._print_table
 
     @contextlib.contextmanager
     def connected(c: Ctx) -> Iterator[Any]:

@@ -56,16 +56,9 @@ def register(cli: Any) -> None:
 
         rows = ops.ls(_local(c)) if c.data_dir_exists() else []
 
-        def human() -> None:
-            t = cli._table(box=None, pad_edge=False)
-            for col in ("SLOT", "SOURCE", "STATE", "PID", "PSS"):
-                t.add_column(col)
-            for r in rows:
-                t.add_row(r["id"], r["source"], r["state"] if not r["problem"] else f"{r['state']} ({r['problem']})",
-                          str(r["pid"] or "-"), f"{r['pss_mib']:.1f}M" if r["pss_mib"] is not None else "-")
-            out.print(t)
-
-        _emit(as_json, rows, human)
+        _emit(as_json, rows, lambda: cli._print_table(("SLOT", "SOURCE", "STATE", "PID", "PSS"), (
+            (r["id"], r["source"], r["state"] if not r["problem"] else f"{r['state']} ({r['problem']})",
+             str(r["pid"] or "-"), f"{r['pss_mib']:.1f}M" if r["pss_mib"] is not None else "-") for r in rows)))
 
     @pool.command("drain")
     @click.argument("source")

@@ -89,18 +89,9 @@ def register(cli: Any) -> None:
         snaps = _store(c).all() if c.data_dir_exists() else []
         rows = [s.to_json() | {"dir": str(s.dir)} for s in snaps]
 
-        def human() -> None:
-            from rich.table import Table
-
-            t = Table(box=None, pad_edge=False)
-            for col in ("NAME", "ID", "SOURCE", "CREATED", "MEMORY", "SIZE", "LIVE"):
-                t.add_column(col)
-            for s in snaps:
-                t.add_row(*map(_clean, (s.name, s.id, s.source_name, s.created_at, f"{s.memory_mib}M",
-                                        _mib(s.logical_bytes), "yes" if s.live else "no")))
-            out.print(t)
-
-        _emit(as_json, rows, human)
+        _emit(as_json, rows, lambda: cli._print_table(("NAME", "ID", "SOURCE", "CREATED", "MEMORY", "SIZE", "LIVE"), (
+            (s.name, s.id, s.source_name, s.created_at, f"{s.memory_mib}M", _mib(s.logical_bytes),
+             "yes" if s.live else "no") for s in snaps)))
 
 
     @snapshot.command("inspect")
