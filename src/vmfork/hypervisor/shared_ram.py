@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,15 +146,20 @@ def mapping_of(pid: int, template: Path, size: int) -> Mapping | None:
     except OSError:
         return None
     names = (str(template), f"{template} (deleted)")
+    return next((m for m, path in _private_maps(lines, size) if path in names), None)
+
+
+def _private_maps(lines: list[str], size: int) -> Iterator[tuple[Mapping, str]]:
+    """The private mappings of a file at offset 0 of exactly ``size`` bytes, with the file's
+    path, in the lines of ``/proc/PID/maps``: where a guest RAM of that size can be."""
     for line in lines:
         f = line.split(maxsplit=5)
-        if len(f) < 6 or f[5] not in names or f[1][3] != "p" or int(f[2], 16) != 0:
+        if len(f) < 6 or f[1][3] != "p" or int(f[2], 16) != 0:
             continue
         lo, hi = (int(x, 16) for x in f[0].split("-"))
-        major, minor = (int(x, 16) for x in f[3].split(":"))
         if hi - lo == size:
-            return Mapping(lo, (major, minor), int(f[4]))
-    return None
+            major, minor = (int(x, 16) for x in f[3].split(":"))
+            yield Mapping(lo, (major, minor), int(f[4])), f[5]
 
 
 def check_ram_not_private(pid: int, size: int) -> None:
@@ -164,13 +170,9 @@ def check_ram_not_private(pid: int, size: int) -> None:
         lines = Path(f"/proc/{pid}/maps").read_text().splitlines()
     except OSError as e:
         raise HypervisorError(f"cannot read the mappings of VMM {pid}: {e.strerror}") from None
-    for line in lines:
-        f = line.split(maxsplit=5)
-        if len(f) < 6 or f[1][3] != "p" or int(f[2], 16) != 0 or f[4] == "0" or not f[5].startswith("/"):
-            continue
-        lo, hi = (int(x, 16) for x in f[0].split("-"))
-        if hi - lo == size:
-            raise HypervisorError(f"the guest RAM of VMM {pid} is a private mapping of {f[5]}, "
+    for m, path in _private_maps(lines, size):
+        if m.ino != 0 and path.startswith("/"):
+            raise HypervisorError(f"the guest RAM of VMM {pid} is a private mapping of {path}, "
                                   "not of its template: refusing a snapshot without its own pages")
 
 
